@@ -1,0 +1,70 @@
+"""Typed errors. The library raises these; only the CLI turns them into a message and an exit code."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class CaffetuneError(Exception):
+    """A user-facing problem: says what went wrong, where, and how to fix it."""
+
+    exit_code = 1
+
+    def __init__(self, what: str, *, where: str | None = None, fix: str | None = None):
+        super().__init__(what)
+        self.what = what
+        self.where = where
+        self.fix = fix
+
+    def __str__(self) -> str:
+        text = f"{self.where}: {self.what}" if self.where else self.what
+        return f"{text}\n  fix: {self.fix}" if self.fix else text
+
+
+class SchemaError(CaffetuneError):
+    """caffe.proto could not be found or compiled."""
+
+
+class PrototxtError(CaffetuneError):
+    """A prototxt (or binary proto) file does not parse through the schema."""
+
+
+class NetError(CaffetuneError):
+    """A net is well-formed protobuf but not usable for the requested operation."""
+
+
+class CaffeNotFound(CaffetuneError):
+    """No Caffe binary or pycaffe was found."""
+
+    exit_code = 3
+
+
+class DatasetError(CaffetuneError):
+    """Images, list files or databases are unusable."""
+
+
+class PreflightError(CaffetuneError):
+    """One or more checks failed before launching Caffe."""
+
+    def __init__(self, problems: list["Problem"]):
+        super().__init__(f"{len(problems)} problem(s) found before launching caffe")
+        self.problems = problems
+
+    def __str__(self) -> str:
+        return "\n".join([self.what] + [f"- {p}" for p in self.problems])
+
+
+class RunError(CaffetuneError):
+    """caffe train failed or was stopped by a watchdog."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding of a check: what is wrong, where, and the fix."""
+
+    what: str
+    where: str = ""
+    fix: str = ""
+
+    def __str__(self) -> str:
+        text = f"{self.where}: {self.what}" if self.where else self.what
+        return f"{text} (fix: {self.fix})" if self.fix else text

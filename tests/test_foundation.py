@@ -1,0 +1,117 @@
+"""Issue 2: the schema, the Caffe build, doctor, and a real `caffe train` on a tiny LMDB."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from click.testing import CliRunner
+
+from caffetune import prototxt, schema
+from caffetune.cli import cli
+from caffetune.errors import PrototxtError
+from helpers import caffe_train, run_pycaffe, write_tiny_lmdb
+
+
+def test_pinned_schema_parses_a_net():
+    net = prototxt.parse('name: "n" layer { name: "fc" type: "InnerProduct" inner_product_param { num_output: 3 } }')
+    assert net.layer[0].inner_product_param.num_output == 3
+    assert schema.current().package == "caffe"
+
+
+def test_parse_error_names_file_line_column_and_field():
+    with pytest.raises(PrototxtError) as caught:
+        prototxt.parse('name: "n"\nlayer {\n  nmae: "fc"\n}\n', path="net.prototxt")
+    assert caught.value.where == "net.prototxt:3:3"
+    assert '"nmae"' in caught.value.what
+    assert "--proto" in caught.value.fix
+
+
+def test_fork_proto_is_compiled_on_the_fly_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAFFETUNE_CACHE", str(tmp_path / "cache"))
+    from caffetune._generated import caffe_schema
+
+    pinned_text = open(caffe_schema.SOURCE).read()
+    fork = tmp_path / "caffe.proto"
+    # A fork adds a layer parameter, as SSD adds e.g. prior_box_param.
+    fork.write_text(pinned_text.replace("message LayerParameter {",
+                                        "message LayerParameter {\n  optional uint32 fork_only_field = 9999;", 1))
+    text = 'layer { name: "x" type: "Fork" fork_only_field: 7 }'
+    with pytest.raises(PrototxtError):
+        prototxt.parse(text)
+    forked = schema.load(fork)
+    assert prototxt.parse(text, proto=forked).layer[0].fork_only_field == 7
+    assert list((tmp_path / "cache" / "schemas").glob("*.desc")), "compiled schema is cached by content hash"
+
+
+def test_pycaffe_and_caffetune_schema_coexist_in_one_process(caffe_install):
+    # Both orders: pycaffe first, then caffetune; and caffetune first, then pycaffe.
+    for first, second in (("import caffe", "from caffetune import prototxt"),
+                          ("from caffetune import prototxt", "import caffe")):
+        result = run_pycaffe(caffe_install, f"""
+            {first}
+            {second}
+            from caffetune import prototxt
+            import caffe
+            from caffe.proto import caffe_pb2
+            ours = prototxt.parse('layer {{ name: "a" type: "ReLU" }}')
+            theirs = caffe_pb2.NetParameter()
+            theirs.ParseFromString(ours.SerializeToString())
+            assert theirs.layer[0].name == "a"
+            print("ok")
+        """)
+        assert result.stdout.strip() == "ok"
+
+
+def test_doctor_json_names_binary_pycaffe_and_schema(caffe_install):
+    result = subprocess.run([sys.executable, "-m", "caffetune", "doctor", "--json"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["caffe"] == str(caffe_install.binary)
+    assert report["pycaffe"].endswith("__init__.py")
+    assert "caffe.proto" in report["schema"]
+    assert report["build"] in ("CPU_ONLY", "CUDA")
+
+
+def test_doctor_fails_with_the_fix_when_caffe_is_missing(tmp_path):
+    result = CliRunner().invoke(cli, ["--caffe", str(tmp_path / "nope"), "doctor"])
+    assert result.exit_code == 3
+    assert "not an executable caffe binary" in result.output
+
+
+def test_write_atomic_leaves_no_temporary_files(tmp_path):
+    target = tmp_path / "out" / "net.prototxt"
+    prototxt.write_atomic(target, "name: 'n'\n")
+    assert target.read_text() == "name: 'n'\n"
+    assert [p.name for p in target.parent.iterdir()] == ["net.prototxt"]
+
+
+TINY_NET = """
+name: "tiny"
+layer { name: "data" type: "Data" top: "data" top: "label" include { phase: TRAIN }
+  data_param { source: "{db}" backend: LMDB batch_size: 8 } transform_param { scale: 0.00390625 } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "xavier" } } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "fc" type: "InnerProduct" bottom: "conv1" top: "fc"
+  inner_product_param { num_output: 4 weight_filler { type: "xavier" } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }
+"""
+
+
+def test_real_caffe_trains_a_tiny_net_on_a_tiny_lmdb(caffe_install, tmp_path):
+    db = write_tiny_lmdb(tmp_path / "train_lmdb")
+    net = tmp_path / "net.prototxt"
+    net.write_text(TINY_NET.replace("{db}", str(db)))
+    solver = tmp_path / "solver.prototxt"
+    solver.write_text(textwrap.dedent(f"""
+        net: "{net}"
+        base_lr: 0.01 lr_policy: "fixed" display: 1 max_iter: 5
+        snapshot_prefix: "{tmp_path}/snap" solver_mode: CPU
+    """))
+    result = caffe_train(caffe_install, solver)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Optimization Done." in result.stderr
+    assert (tmp_path / "snap_iter_5.caffemodel").is_file()
