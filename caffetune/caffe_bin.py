@@ -45,8 +45,10 @@ class CaffeInstall:
         candidates = []
         if os.environ.get("CAFFE_ROOT"):
             candidates.append(Path(os.environ["CAFFE_ROOT"]) / "python")
-        candidates += [self.binary.parent.parent / "python",           # install layout: PREFIX/bin/caffe
-                       self.binary.parent.parent.parent / "python"]    # source layout: ROOT/build/tools/caffe
+        prefix = self.binary.parent.parent
+        candidates += [prefix / "lib" / "python3" / "dist-packages",  # CMake install (Debian's layout)
+                       prefix / "python",                            # make-based install: PREFIX/bin/caffe
+                       prefix.parent / "python"]                     # source tree: ROOT/build/tools/caffe
         return next((c for c in candidates if (c / "caffe" / "__init__.py").is_file()), None)
 
     @cached_property

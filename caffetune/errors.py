@@ -68,3 +68,7 @@ class Problem:
     def __str__(self) -> str:
         text = f"{self.where}: {self.what}" if self.where else self.what
         return f"{text} (fix: {self.fix})" if self.fix else text
+
+
+class DownloadError(CaffetuneError):
+    """A pretrained model could not be downloaded, or its checksum does not match the pinned one."""

@@ -14,6 +14,11 @@ key="caffe-$CAFFE_DEB_VERSION-$variant-$pyver"
 prefix="$cache_root/$key"
 
 if [ -f "$prefix/install/.complete" ]; then echo "$prefix/install"; exit 0; fi
+# One build at a time per cache (two checkouts on one machine may run `make setup` together).
+mkdir -p "$cache_root"
+exec 9>"$cache_root/.build.lock"
+flock 9
+if [ -f "$prefix/install/.complete" ]; then echo "$prefix/install"; exit 0; fi
 
 "$here/fetch-caffe.sh" "$cache_root/source-$CAFFE_DEB_VERSION"
 src="$cache_root/source-$CAFFE_DEB_VERSION/src"

@@ -63,3 +63,35 @@ def caffe_train(install: CaffeInstall, solver: Path, *extra: str, cwd: Path | No
     """Run the real `caffe train`; returns the finished process with its log in stderr."""
     return subprocess.run([str(install.binary), "train", f"-solver={solver}", *extra], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
+
+
+TINY_CLASSIFIER = """name: "tiny_classifier"
+layer { name: "data" type: "Data" top: "data" top: "label" include { phase: TRAIN }
+  data_param { source: "{train}" backend: LMDB batch_size: 8 } transform_param { scale: 0.00390625 } }
+layer { name: "data" type: "Data" top: "data" top: "label" include { phase: TEST }
+  data_param { source: "{test}" backend: LMDB batch_size: 8 } transform_param { scale: 0.00390625 } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "xavier" } } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "fc" type: "InnerProduct" bottom: "conv1" top: "fc"
+  inner_product_param { num_output: {classes} weight_filler { type: "xavier" } } }
+layer { name: "accuracy" type: "Accuracy" bottom: "fc" bottom: "label" top: "accuracy" include { phase: TEST } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }
+"""
+
+
+def write_tiny_classifier(folder: Path, classes: int = 4, max_iter: int = 20, test_interval: int = 10,
+                          base_lr: float = 0.01, extra_solver: str = "", count: int = 32) -> tuple[Path, Path]:
+    """A tiny train_val net (conv + fc, accuracy in TEST) on two tiny LMDBs, and its solver; returns (net, solver).
+    The test LMDB holds exactly test_iter * batch_size images, so every test pass sees the same images."""
+    folder.mkdir(parents=True, exist_ok=True)
+    train = write_tiny_lmdb(folder / "train_lmdb", count=count, classes=classes, seed=1)
+    test = write_tiny_lmdb(folder / "test_lmdb", count=16, classes=classes, seed=2)
+    net = folder / "train_val.prototxt"
+    net.write_text(TINY_CLASSIFIER.replace("{train}", str(train)).replace("{test}", str(test))
+                   .replace("{classes}", str(classes)))
+    solver = folder / "solver.prototxt"
+    solver.write_text(f'net: "{net}"\ntest_iter: 2\ntest_interval: {test_interval}\nbase_lr: {base_lr}\n'
+                      f'lr_policy: "step" gamma: 0.5 stepsize: {max(10, max_iter // 2)}\nmomentum: 0.9\ndisplay: 1\nmax_iter: {max_iter}\n'
+                      f'snapshot_prefix: "{folder}/snap"\nsolver_mode: CPU\n{extra_solver}')
+    return net, solver

@@ -1,0 +1,553 @@
+"""`caffetune run`: a run directory, the real `caffe train` launched in it, watched line by line.
+
+    runs/<name>/
+      solver.prototxt, <net>.prototxt   copies (paths made absolute, snapshot_prefix and solver_mode set)
+      command.txt, run.json             the exact command(s) and every option, for reproducing the run
+      caffe.log                         caffe's full output (a resumed run appends to it)
+      metrics.csv, metrics.jsonl        every display and test pass (a resumed run continues them)
+      plot.png                          loss / accuracy / lr against iterations
+      snapshots/                        caffe's .caffemodel and .solverstate files
+      best.caffemodel, best.json        the snapshot with the best validation accuracy
+
+Ctrl-C is forwarded to caffe as SIGINT (caffe's default -sigint_effect=stop snapshots and stops cleanly); a second
+Ctrl-C kills it. `resume(run_dir)` continues from the newest .solverstate with the same iteration count.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from google.protobuf.message import Message
+
+from . import __version__, caffe_bin, plots, prototxt
+from .caffe_bin import CaffeInstall
+from .errors import RunError
+from .logparse import Event, LogParser, Record, main_accuracy
+from .metrics import MetricsWriter
+
+# -log(FLT_MIN): the loss SoftmaxWithLoss prints when the probability of the true class underflows to 0.
+SATURATED_LOSS = 87.3365
+PATH_FIELDS = ("source", "mean_file", "root_folder")
+SNAPSHOT_DIR = "snapshots"
+_ITER_FILE = re.compile(r"_iter_(\d+)\.(caffemodel|solverstate)(\.h5)?$")
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A message for the user (the CLI prints it): level is "info" or "warning"."""
+
+    level: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Progress:
+    iteration: int
+    max_iter: int
+    loss: float | None
+    lr: float | None
+    test_accuracy: float | None
+    elapsed: float
+    eta: float | None
+
+
+@dataclass
+class RunOptions:
+    solver: Path
+    weights: list[Path] = field(default_factory=list)
+    snapshot: Path | None = None          # a .solverstate to resume from (caffe's -snapshot)
+    name: str | None = None
+    runs_root: Path = Path("runs")
+    gpu: str | None = None                # "0", "0,1" or "all"
+    strict_gpu: bool = False
+    caffe: str | None = None              # explicit caffe binary (--caffe)
+    keep_best: bool = True                # snapshot at every test pass, keep best.caffemodel
+    early_stop: int | None = None         # stop after this many test passes without a better accuracy
+    watchdog_patience: int = 3            # displays of a loss stuck at 87.3365 before stopping
+    max_iter: int | None = None           # override the solver's max_iter
+    lr_factor: float = 1.0                # multiply the solver's base_lr
+    preflight: bool = True
+    # Edits of the copied nets and solver (two-stage fine-tuning freezes layers this way).
+    transform_net: Callable[[Message], Message] | None = field(default=None, repr=False)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    status: str                           # "done", "interrupted" or "early-stopped"
+    iteration: int
+    snapshot: Path | None
+    solverstate: Path | None
+    best: Path | None
+    best_accuracy: float | None
+    records: list[Record]
+    notices: list[Notice]
+
+
+Callback = Callable[[object], None]
+
+
+def _quiet(_item) -> None:
+    pass
+
+
+# --- preparing the run directory ---------------------------------------------------------------------------------
+def resolve(path: str, base: Path) -> Path:
+    """A path as caffe resolves it: relative to the directory caffe is started from."""
+    candidate = Path(path).expanduser()
+    return candidate if candidate.is_absolute() else (base / candidate)
+
+
+def absolutize_paths(message: Message, base: Path) -> Message:
+    """A copy of a net whose data sources, mean files and image roots are absolute (caffe runs in the run dir)."""
+    result = type(message)()
+    result.CopyFrom(message)
+    _absolutize_in_place(result, base)
+    return result
+
+
+def _absolutize_in_place(message: Message, base: Path) -> None:
+    for descriptor, value in message.ListFields():
+        if descriptor.message_type is not None:
+            values = value if descriptor.label == descriptor.LABEL_REPEATED else [value]
+            for item in values:
+                _absolutize_in_place(item, base)
+        elif descriptor.name in PATH_FIELDS and isinstance(value, str) and value:
+            trailing = "/" if value.endswith("/") else ""
+            setattr(message, descriptor.name, str(resolve(value, base)) + trailing)
+
+
+@dataclass
+class Prepared:
+    """The solver and nets of a run, in memory, ready to check and to write."""
+
+    solver: Message
+    nets: dict[str, Message]              # file name in the run dir -> net
+    solver_fields: dict[str, list[str]]   # solver field -> file names (net, train_net, test_net)
+    weights: list[Path]
+    snapshot: Path | None
+    notices: list[Notice]
+    source_paths: dict[str, Path] = field(default_factory=dict)   # file name -> the user's original file
+
+
+def _net_files(solver: Message, base: Path, solver_dir: Path) -> list[tuple[str, Path]]:
+    """(solver field, path) of every net file the solver names; caffe resolves them from its working directory."""
+    found = []
+    for name in ("net", "train_net"):
+        if solver.HasField(name):
+            found.append((name, getattr(solver, name)))
+    found += [("test_net", path) for path in solver.test_net]
+    result = []
+    for field_name, path in found:
+        resolved = resolve(path, base)
+        if not resolved.is_file() and resolve(path, solver_dir).is_file():
+            resolved = resolve(path, solver_dir)  # a path written relative to the solver's own folder
+        result.append((field_name, resolved))
+    return result
+
+
+def _unique_name(path: Path, taken: set[str]) -> str:
+    name, index = path.name, 1
+    while name in taken:
+        index += 1
+        name = f"{path.stem}-{index}{path.suffix}"
+    taken.add(name)
+    return name
+
+
+def prepare(options: RunOptions, install: CaffeInstall, base: Path | None = None) -> Prepared:
+    """Read the solver and its nets, make every path absolute, apply the options (gpu, max_iter, lr, snapshots)."""
+    base = (base or Path.cwd()).resolve()
+    solver_path = resolve(str(options.solver), base)
+    solver = prototxt.load(solver_path, "SolverParameter")
+    notices: list[Notice] = []
+    nets, fields, sources, taken = {}, {}, {}, {"solver.prototxt"}
+    for field_name, path in _net_files(solver, base, solver_path.parent):
+        net = absolutize_paths(prototxt.load(path), base)
+        name = _unique_name(path, taken)
+        nets[name] = options.transform_net(net) if options.transform_net else net
+        fields.setdefault(field_name, []).append(name)
+        sources[name] = path
+    for inline in ("net_param", "train_net_param"):
+        if solver.HasField(inline):
+            net = absolutize_paths(getattr(solver, inline), base)
+            getattr(solver, inline).CopyFrom(options.transform_net(net) if options.transform_net else net)
+    weights = [resolve(str(w), base) for w in options.weights]
+    snapshot = resolve(str(options.snapshot), base) if options.snapshot else None
+    return Prepared(solver, nets, fields, weights, snapshot, notices, sources)
+
+
+def gpu_flags(install: CaffeInstall, gpu: str | None, strict: bool, solver: Message) -> tuple[list[str], str,
+                                                                                              list[Notice]]:
+    """caffe's -gpu flag and the solver_mode to write. A GPU on a CPU_ONLY build falls back to CPU (or fails)."""
+    solver_mode = solver.DESCRIPTOR.fields_by_name["solver_mode"].enum_type.values_by_number[solver.solver_mode].name
+    if gpu is not None:
+        if install.is_cuda:
+            return [f"-gpu={gpu}"], "GPU", []
+        if strict:
+            raise RunError(f"--gpu {gpu} asked for, but {install.binary} is a CPU_ONLY build",
+                           fix="build Caffe with CUDA (CAFFE_CUDA=1 make caffe), or drop --gpu / --strict-gpu")
+        return [], "CPU", [Notice("warning", f"--gpu {gpu}: {install.binary} is a CPU_ONLY build; training on the "
+                                             "CPU instead (--strict-gpu makes this an error)")]
+    if solver_mode == "GPU" and not install.is_cuda:
+        return [], "CPU", [Notice("warning", "the solver asks for solver_mode: GPU but this Caffe is a CPU_ONLY "
+                                             "build; training on the CPU")]
+    return [], solver_mode, []
+
+
+def _snapshot_interval(solver: Message, keep_best: bool) -> int:
+    """Snapshot at every test pass when keeping the best (test at N happens right after snapshot N)."""
+    if not keep_best or not solver.test_interval or not len(solver.test_iter):
+        return solver.snapshot
+    return math.gcd(solver.snapshot, solver.test_interval) if solver.snapshot else solver.test_interval
+
+
+def finalize_solver(prepared: Prepared, options: RunOptions, run_dir: Path, mode: str) -> Message:
+    """The solver as written into the run directory: net paths, snapshot_prefix, solver_mode, overrides."""
+    solver = type(prepared.solver)()
+    solver.CopyFrom(prepared.solver)
+    for field_name, names in prepared.solver_fields.items():
+        paths = [str(run_dir / name) for name in names]
+        if field_name == "test_net":
+            solver.test_net[:] = paths
+        else:
+            setattr(solver, field_name, paths[0])
+    prefix = Path(solver.snapshot_prefix).name if solver.snapshot_prefix else "snapshot"
+    solver.snapshot_prefix = str(run_dir / SNAPSHOT_DIR / prefix)
+    solver.solver_mode = solver.DESCRIPTOR.fields_by_name["solver_mode"].enum_type.values_by_name[mode].number
+    solver.snapshot = _snapshot_interval(solver, options.keep_best)
+    if options.max_iter is not None:
+        solver.max_iter = options.max_iter
+    if options.lr_factor != 1.0:
+        solver.base_lr = solver.base_lr * options.lr_factor
+    return solver
+
+
+def default_name(solver: Path) -> str:
+    return f"{Path(solver).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def write_run_dir(run_dir: Path, prepared: Prepared, solver: Message) -> None:
+    (run_dir / SNAPSHOT_DIR).mkdir(parents=True, exist_ok=True)
+    for name, net in prepared.nets.items():
+        prototxt.write_atomic(run_dir / name, prototxt.format(net))
+    prototxt.write_atomic(run_dir / "solver.prototxt", prototxt.format(solver))
+
+
+def _record_json(run_dir: Path, options: RunOptions, install: CaffeInstall, extra: dict) -> None:
+    path = run_dir / "run.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data.setdefault("launches", [])
+    settings = {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list) else v)
+                for k, v in asdict(options).items() if k != "transform_net"}
+    data.update({"caffetune": __version__, "caffe": str(install.binary), "caffe_version": install.version,
+                 "options": data.get("options", settings)})
+    data["launches"].append(extra)
+    prototxt.write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+# --- snapshots ----------------------------------------------------------------------------------------------------
+def snapshot_iteration(path: Path) -> int | None:
+    match = _ITER_FILE.search(path.name)
+    return int(match.group(1)) if match else None
+
+
+def newest_solverstate(run_dir: Path) -> Path | None:
+    """The .solverstate of the highest iteration in a run directory's snapshots (None when there is none)."""
+    states = [p for p in (Path(run_dir) / SNAPSHOT_DIR).glob("*_iter_*.solverstate*") if snapshot_iteration(p)]
+    return max(states, key=snapshot_iteration, default=None)
+
+
+def _snapshot_pair(run_dir: Path, iteration: int) -> list[Path]:
+    return [p for p in (run_dir / SNAPSHOT_DIR).glob(f"*_iter_{iteration}.*") if snapshot_iteration(p) == iteration]
+
+
+def _copy_atomic(source: Path, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+# --- watching caffe -----------------------------------------------------------------------------------------------
+class Watch:
+    """State of one launch of caffe: progress, best accuracy, the watchdogs, snapshot pruning."""
+
+    def __init__(self, run_dir: Path, solver: Message, options: RunOptions, metrics: MetricsWriter,
+                 callback: Callback, user_snapshot: int):
+        self.run_dir, self.options, self.metrics, self.callback = run_dir, options, metrics, callback
+        self.max_iter, self.base_lr = solver.max_iter, solver.base_lr
+        self.user_snapshot = user_snapshot
+        self.started = time.monotonic()
+        self.first_iteration: int | None = None
+        self.iteration = 0
+        self.loss = self.lr = self.accuracy = None
+        self.best = self._load_best()
+        self.stale_tests = 0
+        self.saturated = 0
+        self.tripped: RunError | None = None
+        self.stop_requested = False
+        self.last_snapshot: Path | None = None
+        self.last_state: Path | None = None
+        self.fatal: list[str] = []
+        self.stopped_early = self.done = False
+        self.interrupts = 0
+        self.stop_sent = False
+
+    def _load_best(self) -> dict | None:
+        path = self.run_dir / "best.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def on_item(self, item) -> None:
+        if isinstance(item, Record):
+            self.metrics.write(item)
+            self._on_train(item) if item.phase == "train" else self._on_test(item)
+        else:
+            self._on_event(item)
+
+    def _on_train(self, record: Record) -> None:
+        self.iteration = record.iteration
+        self.loss = record.values.get("loss", self.loss)
+        self.lr = record.values.get("lr", self.lr)
+        if self.first_iteration is None:
+            self.first_iteration, self.first_time = record.iteration, time.monotonic()
+        self._check_loss(record)
+        self._report()
+
+    def _check_loss(self, record: Record) -> None:
+        loss = record.values.get("loss")
+        if loss is None:
+            return
+        fix = (f"lower base_lr (it is {self.base_lr:g}; try {self.base_lr / 10:g}), check that the data is scaled "
+               "(transform_param scale / mean) and that the labels are right")
+        if not math.isfinite(loss):
+            self.tripped = RunError(f"the loss is {loss} at iteration {record.iteration}: training diverged",
+                                    where=str(self.run_dir / "caffe.log"), fix=fix)
+        self.saturated = self.saturated + 1 if abs(loss - SATURATED_LOSS) < 1e-3 else 0
+        if self.saturated >= self.options.watchdog_patience:
+            self.tripped = RunError(f"the loss is stuck at {SATURATED_LOSS} (-log of the smallest float: the net "
+                                    f"gives the true class probability 0) for {self.saturated} displays, up to "
+                                    f"iteration {record.iteration}", where=str(self.run_dir / "caffe.log"), fix=fix)
+
+    def _on_test(self, record: Record) -> None:
+        found = main_accuracy(record.values) if record.net == 0 else None
+        if found is None:
+            return
+        name, value = found
+        self.accuracy = value
+        if self.options.keep_best:
+            self._track_best(record.iteration, name, value)
+        self._report()
+
+    def _track_best(self, iteration: int, name: str, value: float) -> None:
+        weights = [p for p in _snapshot_pair(self.run_dir, iteration) if ".caffemodel" in p.name]
+        improved = self.best is None or value > self.best["accuracy"]
+        if improved and weights:
+            _copy_atomic(weights[0], self.run_dir / "best.caffemodel")
+            self.best = {"iteration": iteration, "accuracy": value, "output": name, "snapshot": weights[0].name}
+            prototxt.write_atomic(self.run_dir / "best.json", json.dumps(self.best, indent=2) + "\n")
+            self.stale_tests = 0
+        elif not improved:
+            self.stale_tests += 1
+        self._prune()
+        if self.options.early_stop and self.stale_tests >= self.options.early_stop:
+            self.stop_requested = True
+
+    def _on_event(self, event: Event) -> None:
+        if event.kind == "snapshot":
+            self.last_snapshot = Path(event.text)
+        elif event.kind == "solverstate":
+            self.last_state = Path(event.text)
+        elif event.kind == "fatal":
+            self.fatal.append(event.text)
+        elif event.kind == "stopped":
+            self.stopped_early = True
+        elif event.kind == "done":
+            self.done = True
+
+    def _prune(self) -> None:
+        """With snapshots at every test pass, keep only the newest, the best and those the user's interval asked
+        for (the newest is written before its test pass, so every older one has been ranked already)."""
+        if self.run_dir.joinpath(SNAPSHOT_DIR).is_dir() is False:
+            return
+        keep = {self.best["iteration"] if self.best else None}
+        files = [p for p in (self.run_dir / SNAPSHOT_DIR).iterdir() if snapshot_iteration(p) is not None]
+        newest = max((snapshot_iteration(p) for p in files), default=None)
+        for path in files:
+            iteration = snapshot_iteration(path)
+            wanted = self.user_snapshot and iteration % self.user_snapshot == 0
+            if iteration not in keep and iteration != newest and not wanted:
+                path.unlink(missing_ok=True)
+
+    def _report(self) -> None:
+        elapsed = time.monotonic() - self.started
+        eta = None
+        if self.first_iteration is not None and self.iteration > self.first_iteration:
+            rate = (self.iteration - self.first_iteration) / max(time.monotonic() - self.first_time, 1e-9)
+            eta = max(self.max_iter - self.iteration, 0) / rate
+        self.callback(Progress(self.iteration, self.max_iter, self.loss, self.lr, self.accuracy, elapsed, eta))
+
+
+class _SigintForwarder:
+    """While caffe runs: the first Ctrl-C becomes caffe's SIGINT (snapshot, then stop), a second one kills it."""
+
+    def __init__(self, process: subprocess.Popen):
+        self.process, self.count, self.previous = process, 0, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, _signum, _frame) -> None:
+        self.count += 1
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT if self.count == 1 else signal.SIGKILL)
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def _caffe_env(install: CaffeInstall) -> dict:
+    env = install.env()
+    env["GLOG_logtostderr"] = "1"     # the whole log on the pipe, no /tmp/caffe.* files
+    env.pop("GLOG_minloglevel", None)  # the INFO lines are the progress
+    return env
+
+
+def _watch(command: list[str], run_dir: Path, install: CaffeInstall, watch: Watch, log_mode: str) -> int:
+    """Launch caffe, copy its output to caffe.log, parse it line by line; returns caffe's exit status."""
+    parser = LogParser()
+    with open(run_dir / "caffe.log", log_mode + "b") as log:
+        process = subprocess.Popen(command, cwd=run_dir, env=_caffe_env(install), stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        with _SigintForwarder(process) as forwarder:
+            for raw in process.stdout:
+                log.write(raw)
+                for item in parser.feed(raw.decode(errors="replace")):
+                    watch.on_item(item)
+                _act_on_requests(watch, process)
+            for item in parser.close():
+                watch.on_item(item)
+            status = process.wait()
+        watch.interrupts = forwarder.count
+    return status
+
+
+def _act_on_requests(watch: Watch, process: subprocess.Popen) -> None:
+    if watch.tripped is not None and process.poll() is None:
+        process.kill()  # a diverged net is not worth a snapshot
+    elif watch.stop_requested and process.poll() is None and not watch.stop_sent:
+        watch.stop_sent = True
+        process.send_signal(signal.SIGINT)  # early stop: caffe snapshots and stops
+
+
+def _failure(watch: Watch, status: int, run_dir: Path) -> RunError:
+    last = watch.fatal[-1] if watch.fatal else f"caffe exited with status {status}"
+    last = re.sub(r"^[FEWI]\d{4} [\d:.]+\s+\d+ ", "", last)
+    return RunError(f"caffe train failed: {last}", where=str(run_dir / "caffe.log"),
+                    fix="read the end of caffe.log; `caffetune run` checks most causes before launching (do not "
+                        "pass --no-preflight)")
+
+
+# --- the two entry points -----------------------------------------------------------------------------------------
+def start(options: RunOptions, callback: Callback = _quiet, base: Path | None = None) -> RunResult:
+    """Check, prepare runs/<name>/ and train. Raises PreflightError before launching when a check fails."""
+    install = caffe_bin.find_caffe(options.caffe)
+    prepared = prepare(options, install, base)
+    flags, mode, notices = gpu_flags(install, options.gpu, options.strict_gpu, prepared.solver)
+    for notice in notices:
+        callback(notice)
+    if options.preflight:
+        from . import preflight  # noqa: PLC0415 - preflight imports runner's helpers
+        report = preflight.check(prepared, install)
+        for line in report.info:
+            callback(Notice("info", line))
+        report.raise_for_problems()
+    run_dir = (Path(base or Path.cwd()) / options.runs_root / (options.name or default_name(options.solver)))
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise RunError(f"the run directory {run_dir} exists already", where=str(run_dir),
+                       fix=f"continue it with `caffetune run --resume {run_dir}`, or pick another --name")
+    solver = finalize_solver(prepared, options, run_dir.resolve(), mode)
+    write_run_dir(run_dir, prepared, solver)
+    command = [str(install.binary), "train", f"-solver={run_dir.resolve() / 'solver.prototxt'}"]
+    if prepared.snapshot:
+        command.append(f"-snapshot={prepared.snapshot}")
+    if prepared.weights:
+        command.append(f"-weights={','.join(str(w) for w in prepared.weights)}")
+    return _launch(command + flags, run_dir.resolve(), install, options, solver, prepared.solver.snapshot,
+                   callback, resume_from=None, notices=notices)
+
+
+def resume(run_dir: Path | str, callback: Callback = _quiet, options: RunOptions | None = None) -> RunResult:
+    """Continue a run from its newest .solverstate; the log and the metrics continue where the snapshot was."""
+    run_dir = Path(run_dir).resolve()
+    state = newest_solverstate(run_dir)
+    if not (run_dir / "solver.prototxt").is_file() or not (run_dir / "run.json").is_file():
+        raise RunError("not a caffetune run directory (no solver.prototxt / run.json)", where=str(run_dir),
+                       fix="pass the runs/<name> folder that `caffetune run` created")
+    if state is None:
+        raise RunError("the run has no .solverstate snapshot to resume from", where=str(run_dir / SNAPSHOT_DIR),
+                       fix="start it again with `caffetune run` (a run snapshots on Ctrl-C and every snapshot "
+                           "interval)")
+    saved = json.loads((run_dir / "run.json").read_text())["options"]
+    options = options or RunOptions(solver=run_dir / "solver.prototxt", keep_best=saved.get("keep_best", True),
+                                    early_stop=saved.get("early_stop"), gpu=saved.get("gpu"),
+                                    caffe=saved.get("caffe"))
+    install = caffe_bin.find_caffe(options.caffe)
+    solver = prototxt.load(run_dir / "solver.prototxt", "SolverParameter")
+    flags, _mode, notices = gpu_flags(install, options.gpu, options.strict_gpu, solver)
+    for notice in notices:
+        callback(notice)
+    command = [str(install.binary), "train", f"-solver={run_dir / 'solver.prototxt'}", f"-snapshot={state}"] + flags
+    user_snapshot = int(saved.get("user_snapshot") or 0)
+    return _launch(command, run_dir, install, options, solver, user_snapshot, callback,
+                   resume_from=snapshot_iteration(state), notices=notices)
+
+
+def _launch(command: list[str], run_dir: Path, install: CaffeInstall, options: RunOptions, solver: Message,
+            user_snapshot: int, callback: Callback, resume_from: int | None, notices: list[Notice]) -> RunResult:
+    quoted = shlex.join(command)
+    with open(run_dir / "command.txt", "a") as handle:
+        handle.write(f"cd {shlex.quote(str(run_dir))} && {quoted}\n")
+    _record_json(run_dir, options, install, {"command": command, "resume_from": resume_from,
+                                             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    _remember_user_snapshot(run_dir, user_snapshot)
+    callback(Notice("info", f"run directory {run_dir}"))
+    callback(Notice("info", quoted))
+    with MetricsWriter(run_dir, resume_from=resume_from, csv_every=10) as metrics:
+        watch = Watch(run_dir, solver, options, metrics, callback, user_snapshot)
+        status = _watch(command, run_dir, install, watch, "a" if resume_from is not None else "w")
+        records = list(metrics.records)
+    plots.write_png(records, run_dir / "plot.png", title=run_dir.name)
+    if watch.tripped is not None:
+        raise watch.tripped
+    interrupted = watch.interrupts > 0
+    if status != 0 and not (interrupted and watch.last_state):
+        raise _failure(watch, status, run_dir)
+    state = newest_solverstate(run_dir)
+    snapshot = next((p for p in _snapshot_pair(run_dir, snapshot_iteration(state)) if ".caffemodel" in p.name),
+                    None) if state else None
+    result_status = "interrupted" if interrupted else "early-stopped" if watch.stopped_early else "done"
+    best = watch.best
+    return RunResult(run_dir, result_status, snapshot_iteration(state) if state else watch.iteration, snapshot,
+                     state, run_dir / "best.caffemodel" if best else None, best["accuracy"] if best else None,
+                     records, notices)
+
+
+def _remember_user_snapshot(run_dir: Path, user_snapshot: int) -> None:
+    path = run_dir / "run.json"
+    data = json.loads(path.read_text())
+    data["options"]["user_snapshot"] = user_snapshot
+    prototxt.write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
