@@ -65,8 +65,283 @@ def doctor(obj: Context, as_json: bool) -> None:
 
 
 # --- rewrite (issue 3) ------------------------------------------------------------------------------------------
+def _pairs(values: tuple[str, ...], option: str) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for value in values:
+        old, sep, new = value.partition("=")
+        if not sep or not old or not new:
+            raise click.UsageError(f"{option} {value}: expected OLD=NEW")
+        pairs.append((old, new))
+    return tuple(pairs)
+
+
+def _floats(value: str | None, option: str) -> tuple[float, ...]:
+    if not value:
+        return ()
+    try:
+        return tuple(float(part) for part in value.replace(",", " ").split())
+    except ValueError:
+        raise click.UsageError(f"{option} {value}: expected numbers, e.g. 104,117,123") from None
+
+
+def _print_rewrite(result, to) -> None:
+    for old, new in result.renames.items():
+        to.print(f"head {old} -> {new}" if old != new else f"head {old} (name kept)")
+    fmt = lambda values: " ".join(f"{v:g}" for v in values) or "-"  # noqa: E731
+    rows = [("layer", "type", "state", "lr_mult", "decay_mult", "change")] + [
+        (e.name, e.type, e.state, fmt(e.lr_mult), fmt(e.decay_mult),
+         " ".join(filter(None, ["changed" if e.changed else "", "use_global_stats" if e.use_global_stats else ""])))
+        for e in result.plan.layers]
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    for row in rows:
+        to.print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[5], markup=False)
+    for note in result.notes:
+        to.print(f"note: {note}", markup=False)
+
+
+def _show_diff(result) -> None:
+    import difflib
+    from pathlib import Path
+
+    for role, output in result.outputs.items():
+        target = result.written.get(role)
+        before, label = output.original, output.source
+        if target and Path(target).is_file():
+            before, label = Path(target).read_text(), target
+        click.echo("".join(difflib.unified_diff(before.splitlines(True), output.text.splitlines(True),
+                                                fromfile=label, tofile=target or f"{role}.prototxt")), nl=False)
+
+
+def _would_change(result) -> list[str]:
+    from pathlib import Path
+
+    changed = []
+    for role, output in result.outputs.items():
+        target = result.written.get(role)
+        before = Path(target).read_text() if target and Path(target).is_file() else (
+            None if target else output.original)
+        if before != output.text and (target or role == result.input_kind):
+            changed.append(target or output.source)
+    return changed
+
+
+@cli.command()
+@click.argument("net", type=click.Path(dir_okay=False))
+@click.option("--classes", type=click.IntRange(min=1), required=True, help="class count of the new dataset")
+@click.option("--name", help="suffix for renamed heads: --name flickr turns fc8 into fc8_flickr")
+@click.option("--rename", multiple=True, metavar="OLD=NEW", help="rename a head explicitly (repeatable)")
+@click.option("--head", "heads", multiple=True, metavar="NAME", help="the head layer(s), overriding detection")
+@click.option("--weights", type=click.Path(dir_okay=False), help="pretrained .caffemodel: refuse new names in it")
+@click.option("--new-lr-mult", default="10,20", show_default=True, metavar="W[,B]",
+              help="lr_mult of the new layers' weights and biases (bias defaults to twice W)")
+@click.option("--freeze", type=click.Choice(["backbone"]), help="freeze every layer except the new heads")
+@click.option("--freeze-through", metavar="LAYER", help="freeze every layer up to and including LAYER")
+@click.option("--backbone-lr-mult", type=float,
+              help="weight lr_mult of the layers that stay trainable; biases keep their ratio (e.g. 0.1)")
+@click.option("--upgrade", is_flag=True, help="write a legacy V1 net (layers {}) in the current format")
+@click.option("--train-source", help="training LMDB directory or ImageData list file")
+@click.option("--val-source", help="validation LMDB directory or ImageData list file")
+@click.option("--batch-size", type=click.IntRange(min=1), help="batch size of the TRAIN data layer (and TEST)")
+@click.option("--val-batch-size", type=click.IntRange(min=1), help="batch size of the TEST data layer")
+@click.option("--mean-file", help="mean .binaryproto for the data layers")
+@click.option("--mean-value", metavar="B,G,R", help="per-channel mean values for the data layers")
+@click.option("--crop-size", type=click.IntRange(min=1), help="crop size of the data layers")
+@click.option("--solver", metavar="PATH|template", help="solver to rewrite (`template`: caffetune's fine-tuning one)")
+@click.option("--epochs", type=float, help="training length in epochs (needs the training set size)")
+@click.option("--train-size", type=int, help="training images (default: counted from --train-source)")
+@click.option("--val-size", type=int, help="validation images (default: counted from --val-source)")
+@click.option("--base-lr", type=float)
+@click.option("--lr-policy", type=click.Choice(["fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid"]))
+@click.option("--stepsize", type=int)
+@click.option("--gamma", type=float)
+@click.option("--max-iter", type=int)
+@click.option("--snapshot", type=int, help="snapshot every N iterations")
+@click.option("--snapshot-prefix")
+@click.option("--solver-mode", type=click.Choice(["CPU", "GPU"], case_sensitive=False))
+@click.option("-o", "--output", metavar="PATH", help="output file, or directory for several nets")
+@click.option("--in-place", is_flag=True, help="overwrite the input net (and --solver file)")
+@click.option("--diff", "show_diff", is_flag=True, help="print a unified diff instead of writing")
+@click.option("--check", is_flag=True, help="write nothing; exit 1 when the outputs would change")
+@click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
+def rewrite(net, classes, name, rename, heads, weights, new_lr_mult, freeze, freeze_through, backbone_lr_mult,
+            upgrade, train_source, val_source, batch_size, val_batch_size, mean_file, mean_value, crop_size, solver,
+            epochs, train_size, val_size, base_lr, lr_policy, stepsize, gamma, max_iter, snapshot, snapshot_prefix,
+            solver_mode, output, in_place, show_diff, check, as_json) -> None:
+    """Replace the classifier head(s) of NET for CLASSES classes and set the learning-rate policy."""
+    from .rewrite import Options, rewrite_files
+    from .solver import SolverOptions
+    from .transforms import DataOptions
+
+    if not (output or in_place or show_diff or check or as_json):
+        raise click.UsageError("say where to write: -o PATH, --in-place, or preview with --diff, --check or --json")
+    if output and in_place:
+        raise click.UsageError("-o and --in-place exclude each other")
+    mults = _floats(new_lr_mult, "--new-lr-mult")
+    if len(mults) not in (1, 2):
+        raise click.UsageError("--new-lr-mult takes W or W,B")
+    options = Options(
+        classes=classes, name=name, renames=_pairs(rename, "--rename"), heads=heads, weights=weights,
+        new_lr_mult=(mults[0], mults[1] if len(mults) == 2 else 2 * mults[0]), freeze=freeze,
+        freeze_through=freeze_through, backbone_lr_mult=backbone_lr_mult, upgrade=upgrade,
+        data=DataOptions(train_source=train_source, val_source=val_source, batch_size=batch_size,
+                         val_batch_size=val_batch_size, mean_file=mean_file,
+                         mean_value=_floats(mean_value, "--mean-value"), crop_size=crop_size),
+        solver=solver, solver_options=SolverOptions(
+            base_lr=base_lr, lr_policy=lr_policy, stepsize=stepsize, gamma=gamma, max_iter=max_iter, epochs=epochs,
+            train_size=train_size, val_size=val_size, snapshot=snapshot, snapshot_prefix=snapshot_prefix,
+            solver_mode=solver_mode))
+    write = not (show_diff or check)
+    progress = (lambda line: err.print(line)) if not as_json else None
+    result = rewrite_files(net, options, output=output, in_place=in_place, write=write, progress=progress)
+    if as_json:
+        print_json(result.as_dict())
+    else:
+        _print_rewrite(result, err if show_diff else out)
+    if show_diff:
+        _show_diff(result)
+    if check:
+        changed = _would_change(result)
+        for path in changed:
+            err.print(f"would change {path}")
+        if changed:
+            sys.exit(1)
+
 
 # --- build-lmdb, inspect-lmdb (issue 4) -------------------------------------------------------------------------
+def _parse_size(ctx, param, value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    text = value.lower().replace("*", "x")
+    try:
+        width, height = (int(v) for v in text.split("x")) if "x" in text else (int(text), int(text))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not WxH (e.g. 256x256) or one number") from None
+    if width <= 0 or height <= 0:
+        raise click.BadParameter("width and height must be positive")
+    return width, height
+
+
+def _build_progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description:>6}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=err, transient=True)
+
+
+def _print_build_summary(summary) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{summary.out}", show_footer=True)
+    table.add_column("label", footer="total")
+    table.add_column("class", footer="")
+    for name, split in summary.splits.items():
+        table.add_column(name, justify="right", footer=str(split.written))
+    for label, class_name in enumerate(summary.labels):
+        table.add_row(str(label), class_name, *(str(s.per_class.get(class_name, 0)) for s in summary.splits.values()))
+    out.print(table)
+    shape = "x".join(map(str, summary.shape)) + " (CxHxW)" if summary.shape else "varies"
+    sizes = ", ".join(f"{n}_lmdb {s.db_bytes / 1e6:.1f} MB" for n, s in summary.splits.items())
+    rate = summary.images / summary.seconds if summary.seconds else 0
+    out.print(f"   shape: {shape}, {'encoded' if summary.options['image']['encoded'] else 'raw'}")
+    out.print(f"    size: {sizes}")
+    out.print(f"    time: {summary.seconds:.2f} s, {rate:.0f} images/s")
+    if summary.mean_value:
+        values = ", ".join(f"{v:.3f}" for v in summary.mean_value)
+        out.print(f"    mean: mean.binaryproto; per channel ({'BGR' if len(summary.mean_value) == 3 else 'gray'}) "
+                  f"{values}")
+    for warning in summary.warnings:
+        err.print(f"[yellow]warning:[/yellow] {warning}")
+    if summary.conversions:
+        out.print("converted: " + ", ".join(f"{n} {kind}" for kind, n in sorted(summary.conversions.items())))
+    if summary.skipped:
+        err.print(f"[yellow]skipped {len(summary.skipped)} file(s)[/yellow] (listed in skipped.tsv):")
+        for path, reason in summary.skipped[:5]:
+            err.print(f"  {path}: {reason}")
+
+
+@cli.command("build-lmdb")
+@click.argument("source", required=False, type=click.Path())
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
+              help="dataset folder to create: train_lmdb, val_lmdb, labels.txt, mean.binaryproto, summary.json")
+@click.option("--list", "list_file", type=click.Path(dir_okay=False), help="a Caffe list file (`relpath label`)")
+@click.option("--csv", "csv_file", type=click.Path(dir_okay=False), help="a CSV of path,label (header optional)")
+@click.option("--root", type=click.Path(file_okay=False), help="folder the list's paths are relative to")
+@click.option("--val-fraction", type=float, default=0.0, show_default=True,
+              help="share of each class put in val_lmdb (stratified, seeded)")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the shuffle and the split")
+@click.option("--shuffle/--no-shuffle", default=True, show_default=True,
+              help="write in a seeded random order (Caffe's Data layer reads in key order)")
+@click.option("--resize", callback=_parse_size, metavar="WxH", help="resize every image to WxH")
+@click.option("--resize-mode", type=click.Choice(["squash", "crop", "pad"]), default="squash", show_default=True,
+              help="squash: stretch like convert_imageset; crop: fill and centre-crop; pad: fit and pad black")
+@click.option("--gray", is_flag=True, help="store one grey channel")
+@click.option("--encoded", type=click.Choice(["auto", "jpg", "png"]), is_flag=False, flag_value="auto",
+              default=None, help="store encoded images (bare flag: keep each file's format and bytes when possible)")
+@click.option("--alpha", type=click.Choice(["white", "black", "drop"]), default="white", show_default=True,
+              help="background for transparent pixels (drop: ignore alpha, like Caffe)")
+@click.option("--remap-labels", is_flag=True, help="map labels that are not 0..N-1 to 0..N-1 in order")
+@click.option("--strict", is_flag=True, help="fail on the first unusable file instead of skipping it")
+@click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
+@click.option("--workers", type=click.IntRange(0), default=0, help="worker processes (default: one per core)")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+def build_lmdb(source, out, list_file, csv_file, root, val_fraction, seed, shuffle, resize, resize_mode, gray, encoded,
+               alpha, remap_labels, strict, overwrite, workers, as_json) -> None:
+    """Build Caffe LMDBs (train/val), labels, list files and the mean from images."""
+    import signal
+
+    from .dataset import BuildOptions, build
+    from .datum import ImageOptions
+    from .imagelist import load
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))     # unwind: the temporary folder is removed
+    image_list = load(source, list_file=list_file, csv_file=csv_file, root=root)
+    options = BuildOptions(image=ImageOptions(resize=resize, resize_mode=resize_mode, gray=gray, encoded=encoded,
+                                              alpha=alpha),
+                           val_fraction=val_fraction, seed=seed, shuffle=shuffle, remap_labels=remap_labels,
+                           strict=strict, overwrite=overwrite, workers=workers)
+    with _build_progress() as bar:
+        tasks: dict = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done)
+
+        summary = build(image_list, out, options, progress=progress)
+    if as_json:
+        print_json(summary.as_dict())
+    else:
+        _print_build_summary(summary)
+
+
+@cli.command("inspect-lmdb")
+@click.argument("db", type=click.Path())
+@click.option("--labels", "labels_file", type=click.Path(dir_okay=False),
+              help="labels.txt to name the labels (default: the one beside DB, if any)")
+@click.option("--export", "export_dir", type=click.Path(file_okay=False), help="write sample images here")
+@click.option("--samples", type=click.IntRange(1), default=8, show_default=True, help="how many to export")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def inspect_lmdb(db, labels_file, export_dir, samples, as_json) -> None:
+    """Count, label histogram, shape and encoding of an LMDB; optionally export a few samples."""
+    from pathlib import Path
+
+    from .lmdb_reader import export_samples, summarize
+
+    summary = summarize(db)
+    labels_path = Path(labels_file) if labels_file else Path(db).parent / "labels.txt"
+    names = labels_path.read_text().splitlines() if labels_path.is_file() else []
+    exported = export_samples(db, export_dir, samples) if export_dir else []
+    if as_json:
+        print_json(summary.as_dict() | {"exported": [str(p) for p in exported]})
+        return
+    out.print(f"{db}: {summary.count} records, {'encoded' if summary.encoded else 'raw'}, "
+              f"shape {'x'.join(map(str, summary.shape))} (CxHxW of the first record)")
+    for label, count in summary.label_histogram.items():
+        name = f" {names[label]}" if 0 <= label < len(names) else ""
+        out.print(f"  label {label:>4}{name}: {count}")
+    for path in exported:
+        out.print(f"exported {path}")
+
 
 # --- run, plot, eval (issue 5) ----------------------------------------------------------------------------------
 class RunView:
@@ -223,6 +498,116 @@ def evaluate_command(obj: Context, model, weights, data, mean_file, mean_values,
 
 
 # --- inspect, draw, graft (issue 7) -----------------------------------------------------------------------------
+def print_wide(renderable) -> None:
+    """Print a table at its natural width, even when that is wider than the terminal (or a pipe's 80 columns)."""
+    from rich.measure import Measurement
+
+    needed = Measurement.get(out, out.options.update(width=10_000), renderable).maximum
+    terminal = out.width
+    out.width = max(terminal, needed)
+    try:
+        out.print(renderable)
+    finally:
+        out.width = terminal
+
+
+@cli.command("inspect")
+@click.argument("target", type=click.Path(exists=True, dir_okay=False))
+@click.option("--weights", "weights_path", type=click.Path(exists=True, dir_okay=False),
+              help="a .caffemodel: which layers it fills, which start from scratch, what it holds that is unused")
+@click.option("--phase", type=click.Choice(["TRAIN", "TEST"]), default="TRAIN", show_default=True,
+              help="the phase whose layers to show (caffe train copies weights into the TRAIN net)")
+@click.option("--no-pycaffe", is_flag=True, help="infer shapes with caffetune even when pycaffe is available")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of tables")
+def inspect_command(target: str, weights_path: str | None, phase: str, no_pycaffe: bool, as_json: bool) -> None:
+    """Show a net (layers, shapes, parameters, heads, learning-rate states) or what a .caffemodel holds."""
+    from . import inspect as report_lib
+
+    if report_lib.looks_like_weights(target):
+        if weights_path:
+            raise click.UsageError("give the net (.prototxt) first and the .caffemodel with --weights")
+        report = report_lib.inspect_weights(target)
+        table, summary = report_lib.weights_table, report_lib.weights_summary
+    else:
+        use_pycaffe = not no_pycaffe and report_lib.environment_has_pycaffe()
+        report = report_lib.inspect_net(target, weights_path, phase=phase, use_pycaffe=use_pycaffe)
+        table, summary = report_lib.net_table, report_lib.net_summary
+    if as_json:
+        print_json(report.as_dict())
+        return
+    print_wide(table(report))
+    for line in summary(report):
+        out.print(line, markup=False)
+
+
+@cli.command()
+@click.argument("net", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="the picture to write: .png, .svg, .pdf, or .dot for the graph source")
+@click.option("--phase", type=click.Choice(["TRAIN", "TEST"]), default="TRAIN", show_default=True)
+@click.option("--rankdir", type=click.Choice(["TB", "LR", "BT", "RL"]), default="TB", show_default=True,
+              help="direction of the data flow")
+def draw(net: str, output: str, phase: str, rankdir: str) -> None:
+    """Draw a net with layers coloured by learning-rate state (frozen, fine-tuned, new) and heads marked."""
+    from .draw import draw_net
+
+    draw_net(net, output, phase=phase, rankdir=rankdir)
+    out.print(f"wrote {output}")
+
+
+@cli.command("graft")
+@click.option("--from", "source", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="the pretrained .caffemodel to copy from")
+@click.option("--net", "net_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="the new net (.prototxt) the weights are for")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="the .caffemodel to write")
+@click.option("--map", "renames", multiple=True, metavar="OLD=NEW",
+              help="copy source layer OLD into the net's layer NEW (repeatable)")
+@click.option("--keep-classes", metavar="OLD:NEW,...",
+              help="carry the head's rows: old class OLD becomes new class NEW")
+@click.option("--labels", nargs=2, type=click.Path(exists=True, dir_okay=False), metavar="OLD.txt NEW.txt",
+              help="keep the classes both label files name (one label per line)")
+@click.option("--fill", "fill_new", is_flag=True,
+              help="also write the layers with nothing to copy, initialised by their fillers (default: leave them "
+                   "out so Caffe fills them)")
+@click.option("--seed", type=int, default=0, show_default=True, help="random seed of the fillers")
+@click.option("--force", is_flag=True, help="overwrite OUTPUT if it exists")
+@click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object")
+def graft_command(source: str, net_path: str, output: str, renames: tuple[str, ...], keep_classes: str | None,
+                  labels: tuple[str, str] | None, fill_new: bool, seed: int, force: bool, as_json: bool) -> None:
+    """Write a caffemodel for a new net: copy every blob whose layer name and shape match, report the rest."""
+    from pathlib import Path
+
+    from . import graft as graft_lib
+    from .inspect import name_list
+
+    if Path(output).exists() and not force:
+        raise CaffetuneError("the output exists", where=output, fix="pass --force to overwrite it, or choose -o")
+    if keep_classes and labels:
+        raise click.UsageError("give either --keep-classes or --labels, not both")
+    keep = graft_lib.parse_keep_classes(keep_classes) if keep_classes else (
+        graft_lib.keep_classes_from_labels(*labels) if labels else None)
+    report = graft_lib.graft(source, net_path, output, mapping=graft_lib.parse_map(list(renames)), keep=keep,
+                             fill_new=fill_new, seed=seed)
+    if as_json:
+        print_json(report.as_dict())
+        return
+    the_plan = report.plan
+    for state, colour in (("copied", "green"), ("partial", "cyan"), ("mismatched", "red"), ("scratch", "yellow")):
+        names = the_plan.names(state)
+        if names:
+            out.print(f"[{colour}]{state:>10}[/{colour}] ({len(names)}): {name_list(names)}")
+    for layer_plan in the_plan.layers:
+        if layer_plan.detail:
+            out.print(f"{'':>10}  {layer_plan.name}: {layer_plan.detail}", markup=False)
+    if the_plan.unused:
+        out.print(f"{'unused':>10} ({len(the_plan.unused)}): {name_list(the_plan.unused)}")
+    if report.left_to_caffe:
+        out.print(f"left for Caffe to fill: {', '.join(report.left_to_caffe)}")
+    if report.filled:
+        out.print(f"initialised by fillers: {', '.join(report.filled)}")
+    out.print(f"wrote {output} ({report.bytes_written:,} bytes)")
+
 
 
 def main() -> None:

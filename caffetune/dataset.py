@@ -13,6 +13,8 @@ import os
 import shutil
 import time
 from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -62,6 +64,7 @@ class BuildSummary:
     mean_problem: str | None
     seconds: float
     options: dict
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def images(self) -> int:
@@ -146,21 +149,29 @@ def convert_chunk(root: Path, records: list[Record], options: ImageOptions, want
 
 
 def _quiet_worker() -> None:
-    import cv2  # noqa: PLC0415 - worker-only setting: one thread each, the pool is the parallelism
+    """Worker setup: one OpenCV thread each (the pool is the parallelism); Ctrl-C and SIGTERM are the parent's to
+    handle (it terminates the pool), so workers print no tracebacks."""
+    import signal  # noqa: PLC0415
+
+    import cv2  # noqa: PLC0415
 
     cv2.setNumThreads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class Converter:
-    """Runs convert_chunk over a split in order, in worker processes, with a bounded number of chunks in flight."""
+    """Runs convert_chunk over a split in order, in worker processes, with a bounded number of chunks in flight.
+    A worker that dies (e.g. OpenCV crashing on a hostile file) fails the build instead of hanging it."""
 
     def __init__(self, workers: int):
         self.workers = workers or os.cpu_count() or 1
-        self._pool = None
+        self._pool: ProcessPoolExecutor | None = None
         if self.workers > 1:
-            context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(["caffetune.datum", "caffetune.dataset"])
-            self._pool = context.Pool(self.workers, initializer=_quiet_worker)
+            # fork starts workers in milliseconds with everything imported (OpenCV 4 is fork-safe); else spawn.
+            methods = multiprocessing.get_all_start_methods()
+            context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_quiet_worker)
 
     def run(self, root: Path, records: list[Record], options: ImageOptions, want_mean: bool) -> Iterator[Chunk]:
         chunks = (records[start:start + CHUNK] for start in range(0, len(records), CHUNK))
@@ -170,16 +181,29 @@ class Converter:
             return
         in_flight: deque = deque()
         for chunk in chunks:
-            in_flight.append(self._pool.apply_async(convert_chunk, (root, chunk, options, want_mean)))
+            in_flight.append((chunk, self._pool.submit(convert_chunk, root, chunk, options, want_mean)))
             if len(in_flight) >= 3 * self.workers:
-                yield in_flight.popleft().get()
+                yield self._result(*in_flight.popleft(), root)
         while in_flight:
-            yield in_flight.popleft().get()
+            yield self._result(*in_flight.popleft(), root)
+
+    @staticmethod
+    def _result(chunk: list[Record], future, root: Path) -> Chunk:
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            raise DatasetError(f"a worker process died while decoding one of {len(chunk)} files starting with "
+                               f"{chunk[0].path}", where=str(root),
+                               fix="rerun with --workers 1 to find the file that crashes OpenCV, and remove it") \
+                from None
 
     def close(self, kill: bool = False) -> None:
-        if self._pool is not None:
-            self._pool.terminate() if kill else self._pool.close()
-            self._pool.join()
+        if self._pool is None:
+            return
+        if kill:
+            for process in list(getattr(self._pool, "_processes", {}).values()):
+                process.terminate()
+        self._pool.shutdown(wait=True, cancel_futures=kill)
 
 
 # --- write -----------------------------------------------------------------------------------------------------
@@ -286,5 +310,23 @@ def _finish(work: Path, out: Path, image_list: ImageList, options: BuildOptions,
                            mean_value=values, mean_problem=problem,
                            seconds=round(time.perf_counter() - started, 3),
                            options=_options_record(options, image_list))
+    summary.warnings = _warnings(summary)
     prototxt.write_atomic(work / "summary.json", json.dumps(summary.as_dict(), indent=2, default=str) + "\n")
     return summary
+
+
+def _warnings(summary: BuildSummary) -> list[str]:
+    """Things that build fine but will bite at training time."""
+    found = []
+    if len(summary.labels) < 2:
+        found.append("only one class: a classifier learns nothing from it")
+    for name, split in summary.splits.items():
+        if split.written == 0:
+            found.append(f"{name}_lmdb is empty (classes with fewer than 2 images stay in train): Caffe cannot "
+                         f"read an empty database; drop --val-fraction or add images")
+        missing = [n for n in summary.labels if n not in split.per_class]
+        if split.written and missing and name == "train":
+            found.append(f"classes with no image in train_lmdb: {', '.join(missing[:5])}")
+    if summary.mean_problem:
+        found.append(f"no mean.binaryproto: {summary.mean_problem}")
+    return found

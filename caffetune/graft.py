@@ -11,7 +11,7 @@ byte for byte from the source file, so they are bit-identical and never pass thr
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -44,7 +44,8 @@ class LayerPlan:
 
     @property
     def written(self) -> bool:
-        return any(blob.action != "leave" for blob in self.blobs)
+        """Whether the layer goes into the file by default: something in it comes from the source."""
+        return any(blob.action in ("copy", "rows") for blob in self.blobs)
 
 
 @dataclass
@@ -132,7 +133,41 @@ def _net_layers(net: Message) -> dict[str, Message]:
 
 
 def _phase_names(net: Message, phase: str | None) -> set[str]:
-    return {layer.name for layer in L.all_layers(net) if phase is None or phase in L.phases(layer)}
+    """The layer names Caffe's net has in `phase` (both phases when None), with the Split layers it inserts."""
+    phases = [phase] if phase else ["TRAIN", "TEST"]
+    names = {layer.name for layer in L.all_layers(net) if phase is None or phase in L.phases(layer)}
+    if len(net.input):
+        names.add("input")  # Caffe's UpgradeNetInput turns net-level inputs into an Input layer named "input"
+    return names.union(*(split_layer_names(net, p) for p in phases))
+
+
+def split_layer_names(net: Message, phase: str) -> set[str]:
+    """Names of the Split layers Caffe inserts where a blob feeds several layers (insert_splits.cpp). Net::ToProto
+    saves them into caffemodels, and Caffe does not ignore them when the new net splits the same blob."""
+    last_top = {blob: (-1, "input", 0, blob) for blob in net.input}  # Caffe turns net inputs into an "input" layer
+    uses: dict[tuple, int] = {}
+    for index, layer in enumerate(L.all_layers(net)):
+        if phase not in L.phases(layer):
+            continue
+        for blob in layer.bottom:
+            if blob in last_top:
+                uses[last_top[blob]] = uses.get(last_top[blob], 0) + 1
+        for j, blob in enumerate(layer.top):
+            last_top[blob] = (index, layer.name, j, blob)
+        for j, weight in enumerate(list(getattr(layer, "loss_weight", []))[:len(layer.top)]):
+            if weight:  # a top used as a loss counts as one more use
+                uses[last_top[layer.top[j]]] = uses.get(last_top[layer.top[j]], 0) + 1
+    return {f"{blob}_{name}_{j}_split" for (_, name, j, blob), count in uses.items() if count > 1}
+
+
+def source_dims(blob: weights.BlobRef, rank: int) -> tuple | None:
+    """The source blob's shape at the target's rank (a legacy 4-D blob drops its leading 1s), or None."""
+    shape = tuple(blob.shape)
+    if blob.legacy and len(shape) > rank:
+        if any(d != 1 for d in shape[:len(shape) - rank]):
+            return None
+        shape = shape[len(shape) - rank:]
+    return shape if len(shape) == rank else None
 
 
 def _shape_equal(blob: weights.BlobRef, target: tuple | None) -> bool:
@@ -141,8 +176,8 @@ def _shape_equal(blob: weights.BlobRef, target: tuple | None) -> bool:
         return True
     if None not in target:
         return weights.shape_matches(blob, target)
-    source = blob.shape if not blob.legacy else tuple(blob.shape)[4 - len(target):] if len(target) <= 4 else ()
-    return len(source) == len(target) and all(t is None or t == s for s, t in zip(source, target))
+    source = source_dims(blob, len(target))
+    return source is not None and all(t is None or t == s for s, t in zip(source, target))
 
 
 def _class_axis(layer: Message, index: int) -> int:
@@ -154,14 +189,10 @@ def _class_axis(layer: Message, index: int) -> int:
 
 def _rows_compatible(blob: weights.BlobRef, target: tuple | None, axis: int) -> bool:
     """Whether the blobs differ only in the class axis (the head of a net with another class count)."""
-    if target is None or None in target or blob.legacy and len(target) < 4:
-        source = weights.legacy_shape(tuple(target)) if target and None not in target and blob.legacy else None
-        if source is None:
-            return False
-    source = tuple(blob.shape)[-len(target):] if blob.legacy else tuple(blob.shape)
-    if len(source) != len(target):
+    if target is None or None in target:
         return False
-    return all(s == t for i, (s, t) in enumerate(zip(source, target)) if i != axis)
+    source = source_dims(blob, len(target))
+    return source is not None and all(s == t for i, (s, t) in enumerate(zip(source, target)) if i != axis)
 
 
 def _plan_blobs(layer: Message, targets: list, source: weights.LayerRecord, keep: list | None) -> list[BlobPlan]:
@@ -192,10 +223,9 @@ def _plan_layer(layer: Message, targets: list | None, source: weights.LayerRecor
     if source is None:
         return LayerPlan(layer.name, None, SCRATCH, [BlobPlan(i, t, "leave") for i, t in enumerate(targets)])
     plans = _plan_blobs(layer, targets, source, keep)
-    if len(source.blobs) != len(targets):
+    if len(source.blobs) != len(targets):  # e.g. bias_term changed: Caffe aborts, graft copies what still fits
         detail = f"{len(source.blobs)} blob(s) in the source, {len(targets)} in the net"
-        return LayerPlan(layer.name, source.name, MISMATCHED,
-                         [BlobPlan(i, t, "leave") for i, t in enumerate(targets)], detail)
+        return LayerPlan(layer.name, source.name, MISMATCHED, plans, detail)
     if all(p.action == "copy" for p in plans):
         return LayerPlan(layer.name, source.name, COPIED, plans)
     notes = "; ".join(f"blob {p.index}: {p.note}" for p in plans if p.action != "copy")
@@ -232,14 +262,17 @@ def plan(records: list[weights.LayerRecord], net: Message, net_shapes: shapes.Ne
 
 # ---- fillers ---------------------------------------------------------------------------------------------------
 def _filler_for(layer: Message, index: int):
-    """The FillerParameter Caffe uses for blob `index` (weight_filler/filler for 0, bias_filler for 1), or None."""
+    """The FillerParameter field Caffe reads for blob `index` (weight_filler/filler for 0, bias_filler for 1) and
+    whether it is written; (None, False) when the layer's parameters have no such field."""
     params = L.param_message(layer)
     if params is None:
-        return None
+        return None, False
     fillers = [f.name for f in params.DESCRIPTOR.fields
                if f.message_type is not None and f.message_type.name == "FillerParameter"]
     wanted = [n for n in fillers if n != "bias_filler"] if index == 0 else ["bias_filler"] if index == 1 else []
-    return getattr(params, wanted[0]) if wanted and wanted[0] in fillers else None
+    if not wanted or wanted[0] not in fillers:
+        return None, False
+    return getattr(params, wanted[0]), params.HasField(wanted[0])
 
 
 # Defaults Caffe's layer code uses when no filler is written (scale_layer.cpp, prelu_layer.cpp).
@@ -290,12 +323,10 @@ def _bilinear(shape: tuple) -> np.ndarray:
 def initial_blob(layer: Message, index: int, shape: tuple, rng: np.random.Generator) -> np.ndarray:
     if L.type_name(layer) == "BatchNorm":
         return np.zeros(shape, np.float32)  # mean, variance and the moving-average factor start at 0
-    filler = _filler_for(layer, index)
-    if filler is not None and not layer.HasField(L.param_field_name(layer) or "name"):
-        filler = None
-    if (filler is None or not filler.ByteSize()) and L.type_name(layer) in _UNWRITTEN_FILLER_VALUE and index == 0:
+    filler, written = _filler_for(layer, index)
+    if not written and L.type_name(layer) in _UNWRITTEN_FILLER_VALUE and index == 0:
         return np.full(shape, _UNWRITTEN_FILLER_VALUE[L.type_name(layer)], np.float32)
-    return fill(shape, filler, rng)
+    return fill(shape, filler, rng)  # an unwritten filler reads as Caffe's default: constant 0
 
 
 def kept_rows(source: np.ndarray, target_shape: tuple, axis: int, keep: list[tuple[int, int]],
@@ -308,7 +339,6 @@ def kept_rows(source: np.ndarray, target_shape: tuple, axis: int, keep: list[tup
             raise NetError(f"--keep-classes {old}:{new} is out of range: the source head has {source.shape[axis]} "
                            f"classes, the new one {target_shape[axis]}",
                            fix="use 0-based class indices below those counts")
-        np.take(result, [new], axis=axis)  # validates the axis
         index_new = [slice(None)] * len(target_shape)
         index_old = [slice(None)] * len(target_shape)
         index_new[axis], index_old[axis] = new, old
@@ -432,6 +462,3 @@ def _check_mapping(mapping: dict[str, str], records, net: Message) -> None:
             raise NetError(f"--map {old}={new}: the net has no layer {new}", where=new,
                            fix="give the new net's layer name on the right of =")
 
-
-def as_jsonable(obj) -> dict:
-    return asdict(obj)

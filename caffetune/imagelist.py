@@ -46,7 +46,7 @@ def _files_under(folder: Path) -> list[Path]:
     for directory, subdirectories, files in os.walk(folder, followlinks=True):
         subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
         found += [Path(directory) / name for name in sorted(files) if not name.startswith(".")]
-    return found
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
 
 def from_folder(folder: Path | str) -> ImageList:
@@ -146,8 +146,7 @@ def from_csv(csv_file: Path | str, root: Path | str | None = None) -> ImageList:
     rows = [row for row in csv.reader(_read_lines(csv_path)) if any(cell.strip() for cell in row)]
     if not rows:
         raise DatasetError("CSV has no rows", where=str(csv_path), fix="add `path,label` rows")
-    has_header = len(rows[0]) >= 2 and not _is_int(rows[0][1].strip()) and (
-        rows[0][0].strip().lower() in _PATH_COLUMNS or rows[0][1].strip().lower() in _LABEL_COLUMNS)
+    has_header = any(cell.strip().lower() in _PATH_COLUMNS + _LABEL_COLUMNS for cell in rows[0])
     path_column, label_column = _csv_columns(rows[0], f"{csv_path}:1") if has_header else (0, 1)
     body = rows[1:] if has_header else rows
     first_line = 2 if has_header else 1
@@ -242,3 +241,24 @@ def split(records: list[Record], val_fraction: float, seed: int) -> tuple[list[R
 def format_list(records: list[Record]) -> str:
     """Caffe list file text: `relpath label` per line."""
     return "".join(f"{r.path} {r.label}\n" for r in records)
+
+
+def load(source: Path | str | None = None, *, list_file: Path | str | None = None, csv_file: Path | str | None = None,
+         root: Path | str | None = None) -> ImageList:
+    """The image list from exactly one input: a folder of class folders, a list file, or a CSV (by suffix when
+    SOURCE is a file)."""
+    given = [x for x in (source, list_file, csv_file) if x is not None]
+    if len(given) != 1:
+        raise DatasetError("give exactly one input: SOURCE (a folder of class folders), --list FILE or --csv FILE",
+                           fix="e.g. `caffetune build-lmdb photos/ -o data/` or `--list train.txt --root photos/`")
+    if source is not None and Path(source).is_dir():
+        if root is not None:
+            raise DatasetError("--root applies to --list and --csv, not to a folder of class folders",
+                               fix="drop --root, or pass the list file with --list")
+        return from_folder(source)
+    if csv_file is not None or (source is not None and Path(source).suffix.lower() == ".csv"):
+        return from_csv(csv_file or source, root)
+    if source is not None and not Path(source).exists():
+        raise DatasetError("input not found", where=str(source),
+                           fix="pass a folder of class folders, or --list FILE --root DIR")
+    return from_list_file(list_file or source, root)

@@ -109,10 +109,6 @@ def param_message(layer: Message):
     return getattr(layer, name) if name else None
 
 
-def _field_default(message: Message, name: str):
-    return getattr(message, name)  # proto2: an unset field reads as its declared default
-
-
 def learnable_blob_count(layer: Message) -> int:
     """How many learnable blobs Caffe gives this layer (weights, bias, BatchNorm's 3 statistics, ...)."""
     kind = type_name(layer)
@@ -129,7 +125,7 @@ def learnable_blob_count(layer: Message) -> int:
     weights = 0 if kind in ("Scale", "Bias") and bottoms > 1 else 1  # the second bottom supplies the scale/bias
     if kind == "Bias":
         return weights
-    bias = 1 if "bias_term" in fields and _field_default(params, "bias_term") else 0
+    bias = 1 if "bias_term" in fields and params.bias_term else 0   # unset: the schema's default
     return weights + bias
 
 

@@ -10,7 +10,7 @@ import lmdb
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from . import schema
+from . import prototxt, schema
 from .datum import UnreadableImage, datum_to_image
 from .errors import DatasetError
 
@@ -95,16 +95,83 @@ def iter_records(db_path: Path | str, limit: int | None = None) -> Iterator[tupl
         yield key, _image_of(datum, f"{db_path} (key {key})"), datum.label
 
 
+def _read_varint(buffer: memoryview, position: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        byte = buffer[position]
+        value |= (byte & 0x7F) << shift
+        position += 1
+        if byte < 0x80:
+            return value, position
+        shift += 7
+
+
+def label_of(value: memoryview) -> int | None:
+    """A serialized Datum's label, read from the wire format without copying (or touching) the pixel data:
+    length-delimited fields are skipped, so only the first and last page of each record are read."""
+    try:
+        return _scan_label(value, schema.current().Datum.DESCRIPTOR.fields_by_name["label"].number)
+    except IndexError:          # a varint runs past the end: not a Datum
+        return None
+
+
+def _scan_label(value: memoryview, label_number: int) -> int | None:
+    position, label = 0, 0
+    while position < len(value):
+        tag, position = _read_varint(value, position)
+        number, wire_type = tag >> 3, tag & 7
+        if wire_type == 0:
+            field_value, position = _read_varint(value, position)
+            if number == label_number:
+                label = field_value - (1 << 64) if field_value >= 1 << 63 else field_value
+        elif wire_type == 2:
+            length, position = _read_varint(value, position)
+            position += length
+        elif wire_type in (1, 5):
+            position += 8 if wire_type == 1 else 4
+        else:
+            return None
+    return label if position == len(value) else None
+
+
 def summarize(db_path: Path | str) -> DbSummary:
-    """Count, label histogram, (C, H, W) and encoding of a database (labels need one pass over every record)."""
+    """Count, label histogram, (C, H, W) of the first record and its encoding. Labels are read from the wire
+    format, so even a database of hundreds of GB is summarized at the speed of its page headers."""
     labels: Counter[int] = Counter()
     summary = DbSummary(count=0)
-    for key, datum in iter_datums(db_path):
-        if summary.count == 0:
-            summary.encoded = bool(datum.encoded)
-            image = _image_of(datum, f"{db_path} (key {key})")
-            summary.shape = (image.shape[2], image.shape[0], image.shape[1])
-        labels[datum.label] += 1
-        summary.count += 1
+    env = open_readonly(db_path)
+    try:
+        with env.begin(buffers=True) as txn:
+            for key, value in txn.cursor():
+                if summary.count == 0:
+                    first = parse_datum(bytes(value), f"{db_path} (key {bytes(key).decode('utf-8', 'replace')})")
+                    image = _image_of(first, f"{db_path} (first record)")
+                    summary.encoded, summary.shape = bool(first.encoded), (image.shape[2], image.shape[0],
+                                                                           image.shape[1])
+                label = label_of(value)
+                if label is None:
+                    raise DatasetError("record is not a Caffe Datum", where=f"{db_path} (key {bytes(key)!r})",
+                                       fix="build the database with `caffetune build-lmdb`")
+                labels[label] += 1
+                summary.count += 1
+    finally:
+        env.close()
     summary.label_histogram = dict(sorted(labels.items()))
     return summary
+
+
+def export_samples(db_path: Path | str, out_dir: Path | str, count: int = 8) -> list[Path]:
+    """Write the first `count` records as PNG files (`<n>_label<L>.png`, BGR as stored) into `out_dir`."""
+    import cv2  # noqa: PLC0415 - only exporting needs the encoder
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for index, (_key, image, label) in enumerate(iter_records(db_path, limit=count)):
+        ok, buffer = cv2.imencode(".png", image)
+        if not ok:
+            raise DatasetError("could not encode a sample as PNG", where=str(db_path))
+        target = out_dir / f"{index:03d}_label{label}.png"
+        prototxt.write_atomic(target, buffer.tobytes())
+        written.append(target)
+    return written

@@ -93,7 +93,9 @@ class LmdbWriter:
         self.target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_siblings(self.target)
         self._tmp = temporary_sibling(self.target)
-        self._env = lmdb.open(str(self._tmp), map_size=self.map_size, subdir=True, meminit=False, max_dbs=0)
+        # No fsync per commit: the database is invisible until renamed, and __exit__ syncs once before the rename.
+        self._env = lmdb.open(str(self._tmp), map_size=self.map_size, subdir=True, meminit=False, max_dbs=0,
+                              sync=False, metasync=False)
         return self
 
     def put(self, key: bytes, value: bytes) -> None:

@@ -21,7 +21,7 @@ _OLD_SCORE = re.compile(rf"Test score #(\d+): ({NUMBER})", re.IGNORECASE)
 _SNAPSHOT = re.compile(r"Snapshotting (solver state )?to (?:binary proto|HDF5) file (\S+)")
 _RESTORE = re.compile(r"(?:Restoring previous solver status|Resuming) from (\S+)")
 _DONE = re.compile(r"Optimization (Done|stopped early)\.")
-_FATAL = re.compile(r"^F\d{4} |Check failed|\] Error |terminate called")
+_FATAL = re.compile(r"^F\d{4,8} |Check failed|\] Error |terminate called")
 
 
 def to_float(text: str) -> float:

@@ -3,13 +3,15 @@
     plan = lr_policy.plan(net, Policy(new_layers={"fc8_flickr"}, freeze="backbone"))
     net2 = lr_policy.apply(net, plan)
 
-Rules (Caffe's own constraints included): new layers get `new_lr_mult` (10 for weights, 20 for biases, decay 1/0 as
-in the Flickr Style example); frozen layers get lr_mult 0 and decay_mult 0; `backbone_lr_mult` scales the other
-layers' multipliers; BatchNorm's three statistics blobs always have lr_mult 0 (Caffe refuses anything else) and a
-frozen BatchNorm gets `use_global_stats: true`; a layer never gets more `param` blocks than it has blobs.
+Rules (Caffe's own constraints included): new layers get `new_lr_mult` (10 for weights, 20 for biases, decay 1/0
+as in the Flickr Style example); frozen layers get lr_mult 0 and decay_mult 0; `backbone_lr_mult` becomes the weight
+lr_mult of the other layers (their biases keep their ratio, e.g. 2x), so a policy applied twice changes nothing;
+BatchNorm's three statistics blobs always have lr_mult 0 (Caffe refuses anything else) and a frozen BatchNorm gets
+`use_global_stats: true`; a layer never gets more `param` blocks than it has blobs.
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import asdict, dataclass, field
 
 from google.protobuf.message import Message
@@ -48,7 +50,7 @@ class Policy:
     new_lr_mult: tuple[float, float] = (10.0, 20.0)
     freeze: str | None = None                     # "backbone": every learnable layer except the new ones
     freeze_through: str | None = None             # freeze every layer up to and including this one
-    backbone_lr_mult: float | None = None         # scale the multipliers of the layers that stay trainable
+    backbone_lr_mult: float | None = None         # weight lr_mult of the layers that stay trainable (bias keeps ratio)
 
 
 @dataclass
@@ -80,8 +82,11 @@ def _frozen_names(net: Message, policy: Policy) -> set[str]:
     frozen: set[str] = set()
     if policy.freeze_through:
         if policy.freeze_through not in names:
+            close = difflib.get_close_matches(policy.freeze_through, names, n=4, cutoff=0.5)
+            learnable = [layer.name for layer in entries if layers.learnable_blob_count(layer)]
             raise NetError(f"--freeze-through {policy.freeze_through}: the net has no layer of that name",
-                           fix=f"use one of the layer names, e.g. {', '.join(names[-6:])}")
+                           fix=f"did you mean {', '.join(close)}?" if close else
+                           f"use a layer name, e.g. {', '.join(learnable[:8])}")
         stop = names.index(policy.freeze_through)
         frozen |= set(names[: stop + 1])
     if policy.freeze == "backbone":
@@ -108,6 +113,17 @@ def _plan_batch_norm(layer: Message, frozen: bool) -> LayerPlan:
                      [0.0] * min(written, 3) if written else [], global_stats, changed, note)
 
 
+def _backbone_mults(current: list[float], backbone: float | None) -> list[float]:
+    """The weight lr_mult becomes `backbone`, the other blobs keep their ratio to it (bias 2x stays 2x), so that
+    applying the same policy twice changes nothing."""
+    if backbone is None:
+        return list(current)
+    reference = current[0] if current and current[0] > 0 else None
+    if reference is None:
+        return [backbone] * len(current)
+    return [backbone * m / reference for m in current]
+
+
 def _plan_layer(layer: Message, policy: Policy, frozen: bool) -> LayerPlan:
     count = layers.learnable_blob_count(layer)
     kind = layers.type_name(layer)
@@ -118,8 +134,7 @@ def _plan_layer(layer: Message, policy: Policy, frozen: bool) -> LayerPlan:
     elif frozen:
         lr, decay, state = [0.0] * count, [0.0] * count, FROZEN
     else:
-        scale = policy.backbone_lr_mult if policy.backbone_lr_mult is not None else 1.0
-        lr, decay, state = [m * scale for m in current_lr], list(current_decay), FINE_TUNED
+        lr, decay, state = _backbone_mults(current_lr, policy.backbone_lr_mult), list(current_decay), FINE_TUNED
     changed = lr != current_lr or decay != current_decay or _written_specs(layer) > count
     return LayerPlan(layer.name, kind, state, lr, decay, None, changed)
 

@@ -10,6 +10,8 @@ loss, accuracy and TRAIN-only layers, keeps only what feeds the main (last) head
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from google.protobuf.message import Message
 
 from . import layers
@@ -137,8 +139,30 @@ def _input_size(layer: Message) -> tuple[int, int, int]:
     image = layer.image_data_param
     if layers.type_name(layer) == "ImageData" and image.new_height and image.new_width:
         return (1 if image.is_color is False else 3), image.new_height, image.new_width
+    if layers.type_name(layer) == "Data" and _datum_shape(layer.data_param.source):
+        return _datum_shape(layer.data_param.source)
     raise NetError(f"cannot tell the input size of data layer {layer.name} (no crop_size)", where=layer.name,
                    fix="pass --crop-size, or write the deploy net by hand")
+
+
+def _datum_shape(source: str) -> tuple[int, int, int] | None:
+    """(channels, height, width) of the first Datum of an existing LMDB (the images a Data layer without crop feeds)."""
+    import lmdb
+
+    from . import schema
+
+    if not source or not Path(source).is_dir():
+        return None
+    try:
+        with lmdb.open(source, readonly=True, lock=False) as env, env.begin() as txn:
+            first = next(iter(txn.cursor()), None)
+    except lmdb.Error:
+        return None
+    if first is None:
+        return None
+    datum = schema.current().Datum()
+    datum.ParseFromString(first[1])
+    return datum.channels, datum.height, datum.width
 
 
 def _needed_layers(entries: list[Message], outputs: set[str]) -> list[Message]:

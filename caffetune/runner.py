@@ -30,7 +30,7 @@ from typing import Callable
 
 from google.protobuf.message import Message
 
-from . import __version__, caffe_bin, plots, prototxt
+from . import __version__, caffe_bin, plots, preflight, prototxt
 from .caffe_bin import CaffeInstall
 from .errors import RunError
 from .logparse import Event, LogParser, Record, main_accuracy
@@ -455,7 +455,7 @@ def _act_on_requests(watch: Watch, process: subprocess.Popen) -> None:
 
 def _failure(watch: Watch, status: int, run_dir: Path) -> RunError:
     last = watch.fatal[-1] if watch.fatal else f"caffe exited with status {status}"
-    last = re.sub(r"^[FEWI]\d{4} [\d:.]+\s+\d+ ", "", last)
+    last = re.sub(r"^[FEWI]\d{4,8} [\d:.]+\s+\d+ ", "", last)
     return RunError(f"caffe train failed: {last}", where=str(run_dir / "caffe.log"),
                     fix="read the end of caffe.log; `caffetune run` checks most causes before launching (do not "
                         "pass --no-preflight)")
@@ -470,8 +470,9 @@ def start(options: RunOptions, callback: Callback = _quiet, base: Path | None = 
     for notice in notices:
         callback(notice)
     if options.preflight:
-        from . import preflight  # noqa: PLC0415 - preflight imports runner's helpers
-        report = preflight.check(prepared, install)
+        roles = {name: role for role, names in prepared.solver_fields.items() for name in names}
+        report = preflight.check(prepared.nets, weights=prepared.weights, snapshot=prepared.snapshot,
+                                 install=install, roles=roles)
         for line in report.info:
             callback(Notice("info", line))
         report.raise_for_problems()

@@ -201,7 +201,8 @@ def _convolution(layer, params, bottoms, ctx, deconv: bool = False) -> tuple[lis
     channels, group = bottom[axis], params.group
     spans = [d * (k - 1) + 1 for d, k in zip(dilation, kernel)]
     if deconv:
-        out = [_maybe(lambda i: s * (i - 1) + e - 2 * p, i) for i, s, e, p in zip(bottom[axis + 1:], stride, spans, pad)]
+        out = [_maybe(lambda i: s * (i - 1) + e - 2 * p, i)
+               for i, s, e, p in zip(bottom[axis + 1:], stride, spans, pad)]
         weight = (channels, params.num_output // group, *kernel)
     else:
         out = [_maybe(lambda i: (i + 2 * p - e) // s + 1, i)
@@ -233,7 +234,8 @@ def _pooling(layer, params, bottoms, ctx) -> tuple[list, list]:
     stride = [params.stride_h, params.stride_w] if params.HasField("stride_h") else [params.stride] * 2
     pad = [params.pad_h, params.pad_w] if params.HasField("pad_h") else [params.pad] * 2
     ceil = getattr(params, "round_mode", 0) == 0
-    out = [_maybe(lambda n: _pooled(n, k, s, p, ceil), size) for size, k, s, p in zip((height, width), kernel, stride, pad)]
+    out = [_maybe(lambda n: _pooled(n, k, s, p, ceil), size)
+           for size, k, s, p in zip((height, width), kernel, stride, pad)]
     return [(num, channels, *out)] * len(layer.top), []
 
 

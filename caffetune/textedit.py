@@ -132,11 +132,23 @@ def _alone_on_line(text: str, node: Node) -> bool:
     return before.strip() == "" and (after.strip() == "" or after.strip().startswith("#"))
 
 
+def _comment_lines_before(text: str, offset: int) -> int:
+    """Start of the comment-only lines directly above the line at `offset` (they describe what follows)."""
+    start = _line_start(text, offset)
+    while start > 0:
+        previous = _line_start(text, start - 1)
+        if not text[previous:start].strip().startswith("#"):
+            break
+        start = previous
+    return start
+
+
 def _delete(edits: _Edits, node: Node) -> None:
     text = edits.text
     if _alone_on_line(text, node):
         line_end = text.find("\n", node.end)
-        edits.replace(_line_start(text, node.start), line_end + 1 if line_end >= 0 else len(text), "")
+        start = _comment_lines_before(text, node.start)
+        edits.replace(start, line_end + 1 if line_end >= 0 else len(text), "")
     else:
         end = node.end
         while end < len(text) and text[end] in " \t":
@@ -149,8 +161,36 @@ def to_text(message: Message, one_line: bool = False) -> str:
     return text_format.MessageToString(message, as_utf8=True, as_one_line=one_line, float_format=".7g")
 
 
+_LEADING_FIELDS = ("name", "type", "bottom", "top")   # how layers are written by hand, V1 ones included
+
+
+def _layer_text(value: Message, one_line: bool) -> str:
+    """A layer message's fields with name, type, bottom, top first (V1 numbers them otherwise)."""
+    pieces = []
+    ordered = sorted(value.ListFields(), key=lambda item: (
+        _LEADING_FIELDS.index(item[0].name) if item[0].name in _LEADING_FIELDS else len(_LEADING_FIELDS),
+        item[0].number))
+    for fd, field_value in ordered:
+        holder = type(value)()
+        if fd.label == FieldDescriptor.LABEL_REPEATED:
+            getattr(holder, fd.name).extend(field_value)
+        elif fd.type == FieldDescriptor.TYPE_MESSAGE:
+            getattr(holder, fd.name).CopyFrom(field_value)
+        else:
+            setattr(holder, fd.name, field_value)
+        pieces.append(to_text(holder, one_line).strip("\n "))
+    return " ".join(pieces) if one_line else "\n".join(pieces)
+
+
 def format_value(parent: Message, fd: FieldDescriptor, value, indent: str = "", one_line: bool = False) -> str:
     """Text of one field (`name: value` or `name { ... }`) as text_format writes it."""
+    if fd.type == FieldDescriptor.TYPE_MESSAGE and "name" in fd.message_type.fields_by_name and \
+            "type" in fd.message_type.fields_by_name and "bottom" in fd.message_type.fields_by_name:
+        body = _layer_text(value, one_line)
+        if one_line:
+            return f"{fd.name} {{ {body} }}"
+        inner = "\n".join(f"{indent}  {line}" for line in body.split("\n"))
+        return f"{fd.name} {{\n{inner}\n{indent}}}"
     holder = type(parent)()
     if fd.label == FieldDescriptor.LABEL_REPEATED:
         container = getattr(holder, fd.name)
@@ -172,6 +212,21 @@ def _block_is_one_line(text: str, node: Node | None) -> bool:
     return node is not None and "\n" not in text[node.open:node.close]
 
 
+def _starts_line(text: str, offset: int) -> bool:
+    return text[_line_start(text, offset):offset].strip() == ""
+
+
+def _child_indent(text: str, block: Node | None, after: Node) -> str:
+    """Indentation for a new field in `block`: that of a sibling starting its own line, else the block's + 2."""
+    if _starts_line(text, after.start):
+        return text[_line_start(text, after.start):after.start]
+    siblings = block.children if block is not None else []
+    for node in siblings:
+        if _starts_line(text, node.start):
+            return text[_line_start(text, node.start):node.start]
+    return (_indent_of(text, block.start) + "  ") if block is not None else ""
+
+
 def _insert_in_block(edits: _Edits, block: Node | None, after: Node | None, parent: Message, fd, value,
                      top_level_end: int) -> None:
     """Insert one field occurrence after `after` (a sibling) or at the end of the block."""
@@ -182,7 +237,7 @@ def _insert_in_block(edits: _Edits, block: Node | None, after: Node | None, pare
         edits.replace(position, position, f" {snippet}" if after else f"{snippet} ")
         return
     if after is not None:
-        indent = _indent_of(text, after.start)
+        indent = _child_indent(text, block, after)
         line_end = text.find("\n", after.end)
         position = line_end + 1 if line_end >= 0 else len(text)
         prefix = "" if line_end >= 0 else "\n"
@@ -199,7 +254,9 @@ def _insert_in_block(edits: _Edits, block: Node | None, after: Node | None, pare
     edits.replace(position, position, f"{prefix}{indent}{snippet}\n")
 
 
-_AFTER_FIELDS = {"param": ("param", "top", "bottom", "type", "name"),
+_AFTER_FIELDS = {"input": ("input", "name"), "input_dim": ("input_dim", "input", "name"),
+                 "input_shape": ("input_shape", "input", "name"),
+                 "param": ("param", "top", "bottom", "type", "name"),
                  "blobs_lr": ("blobs_lr", "top", "bottom"), "weight_decay": ("weight_decay", "blobs_lr", "top")}
 
 
@@ -274,7 +331,7 @@ def _diff_repeated_messages(edits, block, nodes, parent_old, parent_new, fd, top
         pairs = _match_by_name(old, new)
     else:
         pairs = [(k if k < len(old) else None, k if k < len(new) else None) for k in range(max(len(old), len(new)))]
-    last_node = _anchor(nodes, fd.name)
+    last_node = None if occurrences else _anchor(nodes, fd.name)
     for old_index, new_index in pairs:
         if old_index is not None and new_index is not None:
             _diff_message(edits, occurrences[old_index], occurrences[old_index].children, old[old_index],
@@ -282,8 +339,21 @@ def _diff_repeated_messages(edits, block, nodes, parent_old, parent_new, fd, top
             last_node = occurrences[old_index]
         elif old_index is not None:
             _delete(edits, occurrences[old_index])
+        elif last_node is None and occurrences:
+            _insert_before(edits, occurrences[0], parent_new, fd, new[new_index])
         else:
             _insert_in_block(edits, block, last_node, parent_new, fd, new[new_index], top_end)
+
+
+def _insert_before(edits: _Edits, node: Node, parent: Message, fd, value) -> None:
+    """Insert one field occurrence just before `node` (a new first layer goes before the old first one)."""
+    text = edits.text
+    line_start = _line_start(text, node.start)
+    if text[line_start:node.start].strip():
+        edits.replace(node.start, node.start, format_value(parent, fd, value, one_line=True) + " ")
+        return
+    indent = text[line_start:node.start]
+    edits.replace(line_start, line_start, f"{indent}{format_value(parent, fd, value, indent)}\n")
 
 
 def _diff_repeated_scalars(edits, block, nodes, parent_old, parent_new, fd, top_end) -> None:

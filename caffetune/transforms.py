@@ -171,6 +171,9 @@ def _set_transform(layer: Message, options: DataOptions) -> None:
 
 def set_data_layers(net: Message, options: DataOptions) -> Message:
     """Point the TRAIN and TEST Data/ImageData layers at new sources, batch sizes, mean and crop."""
+    if options.mean_file and options.mean_value:
+        raise NetError("both a mean file and mean values were given; Caffe accepts only one",
+                       fix="pass either --mean-file or --mean-value")
     result = copy(net)
     data_layers = [layer for layer in layers.all_layers(result) if layers.type_name(layer) in ("Data", "ImageData")]
     if not data_layers and (options.train_source or options.val_source):

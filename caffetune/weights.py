@@ -16,7 +16,6 @@ import os
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Iterator
 
@@ -228,6 +227,8 @@ class Caffemodel:
         self._file = None
         self._map: mmap.mmap | bytes = b""
         self._formats = _layer_formats()
+        self._entries: list[tuple[str, int, int]] | None = None
+        self._name = ""
 
     def __enter__(self) -> "Caffemodel":
         try:
@@ -271,7 +272,7 @@ class Caffemodel:
         return PrototxtError(f"not a caffemodel (binary NetParameter): {detail}", where=str(self.path),
                              fix=_NOT_A_CAFFEMODEL_FIX)
 
-    @cached_property
+    @property
     def name(self) -> str:
         """The net's `name` field (read by the first pass over the top-level fields)."""
         self._top_level()
@@ -279,14 +280,14 @@ class Caffemodel:
 
     def _top_level(self) -> list[tuple[str, int, int]]:
         """(format, start, end) of each layer entry, from one pass over the top-level fields (no blob is read)."""
-        if hasattr(self, "_entries"):
+        if self._entries is not None:
             return self._entries
         net = schema.current().NetParameter.DESCRIPTOR
         layer_number, v1_number = net.fields_by_name["layer"].number, None
         if "layers" in net.fields_by_name:
             v1_number = net.fields_by_name["layers"].number
         name_number = net.fields_by_name["name"].number
-        entries, self._name = [], ""
+        entries = []
         try:
             for number, wire, start, end in iter_fields(self._map, 0, len(self._map)):
                 check_wire_type(net, number, wire)
@@ -457,6 +458,9 @@ def atomic_output(path: Path | str):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file the mode open() would
         with os.fdopen(fd, "wb") as handle:
             yield handle
         os.replace(tmp, path)

@@ -95,3 +95,42 @@ def write_tiny_classifier(folder: Path, classes: int = 4, max_iter: int = 20, te
                       f'lr_policy: "step" gamma: 0.5 stepsize: {max(10, max_iter // 2)}\nmomentum: 0.9\ndisplay: 1\nmax_iter: {max_iter}\n'
                       f'snapshot_prefix: "{folder}/snap"\nsolver_mode: CPU\n{extra_solver}')
     return net, solver
+
+
+def smooth_image(rng, height: int, width: int, channels: int = 3) -> "np.ndarray":
+    """A smooth random uint8 image (blurred colour blobs plus a little noise), like a photo rather than pure noise."""
+    import cv2
+
+    small = rng.integers(0, 256, (4, 5, channels), dtype=np.uint8)
+    image = cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC).reshape(height, width, channels)
+    noise = rng.integers(0, 8, image.shape, dtype=np.uint8)
+    return np.minimum(image.astype(np.uint16) + noise, 255).astype(np.uint8)
+
+
+def write_class_folders(root: Path, classes: int = 3, per_class: int = 4, size: tuple[int, int] = (20, 16),
+                        ext: str = "png", seed: int = 0, vary_size: bool = False) -> Path:
+    """root/class<k>/img<i>.<ext>: small smooth images (size is width x height), a folder per class."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    for k in range(classes):
+        folder = root / f"class{k}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            width, height = (size[0] + 3 * i, size[1] + 2 * k) if vary_size else size
+            cv2.imwrite(str(folder / f"img{i}.{ext}"), smooth_image(rng, height, width))
+    return root
+
+
+def jpeg_with_exif(image: "np.ndarray", orientation: int = 1, thumbnail: bytes = b"") -> bytes:
+    """A JPEG of `image` with an EXIF APP1 segment: the orientation tag, and optional bytes (e.g. a thumbnail
+    JPEG) carried inside the segment."""
+    import struct
+
+    import cv2
+
+    encoded = cv2.imencode(".jpg", image)[1].tobytes()
+    tiff = (b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 1) + struct.pack("<HHII", 0x0112, 3, 1, orientation)
+            + struct.pack("<I", 0) + thumbnail)
+    app1 = b"\xff\xe1" + struct.pack(">H", 2 + 6 + len(tiff)) + b"Exif\x00\x00" + tiff
+    return encoded[:2] + app1 + encoded[2:]

@@ -1,0 +1,168 @@
+"""Issue 5: `caffetune run` with the real caffe: run directory, metrics equal to the log, Ctrl-C and --resume,
+watchdogs, GPU fallback, best snapshot and early stopping."""
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from caffetune import metrics, prototxt, runner
+from caffetune.errors import RunError
+from caffetune.logparse import Record
+from helpers import write_tiny_classifier
+
+
+def _log_numbers(log: str) -> tuple[dict[int, float], dict[int, float]]:
+    """Train losses and test accuracies read straight from caffe's log, independently of logparse."""
+    losses = {int(i): float(v) for i, v in re.findall(r"Iteration (\d+)(?: \([^)]*\))?, loss = (\S+)", log)}
+    accuracies, current = {}, None
+    for line in log.splitlines():
+        if match := re.search(r"Iteration (\d+), Testing net", line):
+            current = int(match.group(1))
+        elif match := re.search(r"Test net output #\d+: accuracy = (\S+)", line):
+            accuracies[current] = float(match.group(1))
+    return losses, accuracies
+
+
+def test_a_run_completes_and_its_metrics_equal_the_log(caffe_install, tmp_path):
+    _, solver = write_tiny_classifier(tmp_path / "data", max_iter=20, test_interval=10)
+    seen = []
+    result = runner.start(runner.RunOptions(solver=solver, name="first", runs_root=tmp_path / "runs"),
+                          callback=seen.append)
+    run_dir = tmp_path / "runs" / "first"
+    assert result.status == "done" and result.iteration == 20 and result.run_dir == run_dir
+    log = (run_dir / "caffe.log").read_text()
+    assert "Optimization Done." in log
+    losses, accuracies = _log_numbers(log)
+    records = metrics.read_records(run_dir)
+    assert {r.iteration: r.values["loss"] for r in records if r.phase == "train"} == losses
+    assert {r.iteration: r.values["accuracy"] for r in records if r.phase == "test"} == accuracies
+    assert sorted(losses) == list(range(21)) and sorted(accuracies) == [0, 10, 20]
+    csv_rows = (run_dir / "metrics.csv").read_text().splitlines()
+    assert len(csv_rows) == 1 + len(records)
+    # The run directory holds the copies, the exact command, the plot and the snapshots.
+    solver_copy = prototxt.load(run_dir / "solver.prototxt", "SolverParameter")
+    assert solver_copy.net == str(run_dir / "train_val.prototxt")
+    assert solver_copy.snapshot_prefix == str(run_dir / "snapshots" / "snap")
+    assert (run_dir / "command.txt").read_text().strip().endswith(f"train -solver={run_dir / 'solver.prototxt'}")
+    assert (run_dir / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    assert (run_dir / "snapshots" / "snap_iter_20.caffemodel").is_file()
+    best = json.loads((run_dir / "best.json").read_text())
+    assert best["accuracy"] == max(accuracies[10], accuracies[20])
+    assert (run_dir / "best.caffemodel").read_bytes() == (
+        run_dir / "snapshots" / f"snap_iter_{best['iteration']}.caffemodel").read_bytes()
+    progress = [item for item in seen if isinstance(item, runner.Progress)]
+    assert progress[-1].iteration == 20 and progress[-1].max_iter == 20
+    assert progress[-1].test_accuracy == accuracies[20]
+
+
+def _caffetune(*args: str, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "caffetune", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_ctrl_c_snapshots_and_resume_continues_from_that_iteration(caffe_install, tmp_path):
+    _, solver = write_tiny_classifier(tmp_path / "data", max_iter=1500, test_interval=500)
+    process = _caffetune("run", "--solver", str(solver), "--name", "long", "--no-best", cwd=tmp_path)
+    run_dir = tmp_path / "runs" / "long"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
+        if len(lines) > 20:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    state = runner.newest_solverstate(run_dir)
+    stopped_at = runner.snapshot_iteration(state)
+    assert 0 < stopped_at < 1500, "interrupted mid-run"
+    assert f"interrupted at iteration {stopped_at}" in stdout and f"--resume {run_dir}" in stdout
+    assert (run_dir / "snapshots" / f"snap_iter_{stopped_at}.caffemodel").is_file()
+    assert "Optimization stopped early." in (run_dir / "caffe.log").read_text()
+    before = [r.iteration for r in metrics.read_records(run_dir) if r.phase == "train"]
+    assert max(before) == stopped_at - 1
+
+    resumed = _caffetune("run", "--resume", str(run_dir), cwd=tmp_path)
+    stdout, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    assert "done at iteration 1500" in stdout
+    log = (run_dir / "caffe.log").read_text()
+    assert f"Resuming from {state}" in log and log.count("Optimization Done.") >= 1
+    train = [r.iteration for r in metrics.read_records(run_dir) if r.phase == "train"]
+    assert train == list(range(1501)), "one continuous run: every iteration once, in order"
+    losses, _ = _log_numbers(log.split(f"Resuming from {state}")[1])
+    assert min(losses) == stopped_at
+    commands = (run_dir / "command.txt").read_text().splitlines()
+    assert len(commands) == 2 and commands[1].endswith(f"-snapshot={state}")
+
+
+def test_a_diverging_loss_stops_the_run_with_advice(caffe_install, tmp_path):
+    _, solver = write_tiny_classifier(tmp_path / "data", max_iter=100000, base_lr=1e12)
+    started = time.monotonic()
+    with pytest.raises(RunError) as caught:
+        runner.start(runner.RunOptions(solver=solver, name="nan", runs_root=tmp_path / "runs"))
+    assert time.monotonic() - started < 60
+    assert "training diverged" in caught.value.what and "lower base_lr (it is 1e+12; try 1e+11)" in caught.value.fix
+    train = [r for r in metrics.read_records(tmp_path / "runs" / "nan") if r.phase == "train"]
+    assert train[-1].iteration < 1000 and str(train[-1].values["loss"]) in ("nan", "inf")
+
+
+def test_a_loss_stuck_at_87_3365_trips_the_watchdog(tmp_path):
+    solver = prototxt.parse("base_lr: 0.1 max_iter: 100", "SolverParameter")
+    options = runner.RunOptions(solver=Path("s"), watchdog_patience=3)
+    with metrics.MetricsWriter(tmp_path) as sink:
+        watch = runner.Watch(tmp_path, solver, options, sink, lambda item: None, 0)
+        for iteration, loss in enumerate([2.3, 87.3365, 87.3365, 1.0, 87.3365, 87.3365]):
+            watch.on_item(Record("train", iteration, {"loss": loss, "lr": 0.1}))
+        assert watch.tripped is None, "two in a row is not stuck"
+        watch.on_item(Record("train", 6, {"loss": 87.3365, "lr": 0.1}))
+    assert "stuck at 87.3365" in watch.tripped.what and "lower base_lr (it is 0.1; try 0.01)" in watch.tripped.fix
+
+
+def test_a_gpu_on_a_cpu_only_build_falls_back_with_a_warning(caffe_install, tmp_path):
+    if caffe_install.is_cuda:
+        pytest.skip("this Caffe has CUDA: there is no fallback to test")
+    _, solver = write_tiny_classifier(tmp_path / "data", max_iter=2, extra_solver="solver_mode: GPU\n")
+    with pytest.raises(RunError, match="CPU_ONLY build"):
+        runner.start(runner.RunOptions(solver=solver, name="strict", gpu="0", strict_gpu=True,
+                                       runs_root=tmp_path / "runs"))
+    assert not (tmp_path / "runs" / "strict").exists()
+    seen = []
+    result = runner.start(runner.RunOptions(solver=solver, name="gpu", gpu="all", runs_root=tmp_path / "runs"),
+                          callback=seen.append)
+    assert result.status == "done"
+    warnings = [n.text for n in seen if isinstance(n, runner.Notice) and n.level == "warning"]
+    assert warnings == [f"--gpu all: {caffe_install.binary} is a CPU_ONLY build; training on the CPU instead "
+                        "(--strict-gpu makes this an error)"]
+    copy = prototxt.load(result.run_dir / "solver.prototxt", "SolverParameter")
+    assert copy.solver_mode == 0  # CPU
+    assert "-gpu" not in (result.run_dir / "command.txt").read_text()
+
+
+def test_early_stopping_stops_when_accuracy_no_longer_improves(caffe_install, tmp_path):
+    # base_lr 0: the weights never change, so no test pass after the first can be better.
+    _, solver = write_tiny_classifier(tmp_path / "data", max_iter=1000, test_interval=5, base_lr=0)
+    result = runner.start(runner.RunOptions(solver=solver, name="early", early_stop=2, runs_root=tmp_path / "runs"))
+    assert result.status == "early-stopped"
+    tests = [r.iteration for r in metrics.read_records(result.run_dir) if r.phase == "test"]
+    assert tests[:3] == [0, 5, 10] and result.iteration < 30
+    assert json.loads((result.run_dir / "best.json").read_text())["iteration"] == 5
+    kept = sorted(p.name for p in (result.run_dir / "snapshots").glob("*.caffemodel"))
+    assert kept == ["snap_iter_5.caffemodel", f"snap_iter_{result.iteration}.caffemodel"]
+
+
+def test_an_existing_run_directory_is_not_overwritten(caffe_install, tmp_path):
+    _, solver = write_tiny_classifier(tmp_path / "data", max_iter=1)
+    (tmp_path / "runs" / "taken").mkdir(parents=True)
+    (tmp_path / "runs" / "taken" / "caffe.log").write_text("old")
+    with pytest.raises(RunError, match="exists already") as caught:
+        runner.start(runner.RunOptions(solver=solver, name="taken", runs_root=tmp_path / "runs"))
+    assert "--resume" in caught.value.fix
+    assert (tmp_path / "runs" / "taken" / "caffe.log").read_text() == "old"
