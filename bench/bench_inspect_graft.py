@@ -106,19 +106,21 @@ def main() -> None:
         "inspect W.caffemodel": caffetune + ["inspect", str(model), "--json"],
         "inspect NET --weights W": caffetune + ["inspect", str(deploy), "--weights", str(model), "--no-pycaffe",
                                                 "--json"],
+        "inspect NET --weights W (pycaffe shapes)": caffetune + ["inspect", str(deploy), "--weights", str(model),
+                                                                 "--json"],
         "graft (fc8 -> 10 classes, 3 kept)": caffetune + ["graft", "--from", str(model), "--net", str(new_net),
                                                           "-o", str(grafted), "--map", "fc8=fc8_new",
                                                           "--keep-classes", "1:0,7:3,999:9", "--json"],
     }
     print(f"caffemodel: {model} ({size / 1e6:.0f} MB), best of {REPEATS} runs, each in its own process")
     baseline = measure(pycaffe_load, env)
-    print(f"{'pycaffe caffe.Net(deploy, weights)':<42} {baseline['seconds']:7.2f} s   "
+    print(f"{'pycaffe caffe.Net(deploy, weights)':<50} {baseline['seconds']:7.2f} s   "
           f"peak {baseline['peak_bytes'] / 1e6:6.0f} MB ({baseline['peak_bytes'] / size:.2f}x file)")
     for label, command in cases.items():
         # graft writes a new file each run (deleting a 550 MB file is the filesystem's cost, not graft's)
         run = measure(command, env, before=lambda: grafted.unlink(missing_ok=True))
         speedup = baseline["seconds"] / run["seconds"]
-        print(f"{'caffetune ' + label:<42} {run['seconds']:7.2f} s   peak {run['peak_bytes'] / 1e6:6.0f} MB "
+        print(f"{'caffetune ' + label:<50} {run['seconds']:7.2f} s   peak {run['peak_bytes'] / 1e6:6.0f} MB "
               f"({run['peak_bytes'] / size:.2f}x file)   speed-up vs pycaffe: {speedup:.1f}x")
     grafted.unlink(missing_ok=True)
 

@@ -519,7 +519,9 @@ def print_wide(renderable) -> None:
               help="the phase whose layers to show (caffe train copies weights into the TRAIN net)")
 @click.option("--no-pycaffe", is_flag=True, help="infer shapes with caffetune even when pycaffe is available")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of tables")
-def inspect_command(target: str, weights_path: str | None, phase: str, no_pycaffe: bool, as_json: bool) -> None:
+@click.pass_obj
+def inspect_command(obj: Context, target: str, weights_path: str | None, phase: str, no_pycaffe: bool,
+                    as_json: bool) -> None:
     """Show a net (layers, shapes, parameters, heads, learning-rate states) or what a .caffemodel holds."""
     from . import inspect as report_lib
 
@@ -529,8 +531,8 @@ def inspect_command(target: str, weights_path: str | None, phase: str, no_pycaff
         report = report_lib.inspect_weights(target)
         table, summary = report_lib.weights_table, report_lib.weights_summary
     else:
-        use_pycaffe = not no_pycaffe and report_lib.environment_has_pycaffe()
-        report = report_lib.inspect_net(target, weights_path, phase=phase, use_pycaffe=use_pycaffe)
+        use_pycaffe = not no_pycaffe and report_lib.environment_has_pycaffe(obj.caffe)
+        report = report_lib.inspect_net(target, weights_path, phase=phase, use_pycaffe=use_pycaffe, caffe=obj.caffe)
         table, summary = report_lib.net_table, report_lib.net_summary
     if as_json:
         print_json(report.as_dict())

@@ -160,12 +160,18 @@ def _quiet_worker() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def worker_count(asked: int, images: int) -> int:
+    """`asked`, or one per CPU this process may use; never more than there are chunks of work."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(asked or available, -(-images // CHUNK)))
+
+
 class Converter:
     """Runs convert_chunk over a split in order, in worker processes, with a bounded number of chunks in flight.
     A worker that dies (e.g. OpenCV crashing on a hostile file) fails the build instead of hanging it."""
 
     def __init__(self, workers: int):
-        self.workers = workers or os.cpu_count() or 1
+        self.workers = workers
         self._pool: ProcessPoolExecutor | None = None
         if self.workers > 1:
             # fork starts workers in milliseconds with everything imported (OpenCV 4 is fork-safe); else spawn.
@@ -279,7 +285,7 @@ def build(image_list: ImageList, out: Path | str, options: BuildOptions = BuildO
     work.mkdir()
     converter = None
     try:
-        converter = Converter(options.workers)
+        converter = Converter(worker_count(options.workers, sum(map(len, splits.values()))))
         tally, results, lists = _Tally(skipped=list(image_list.ignored)), {}, {}
         for name, records in splits.items():
             results[name], lists[name] = _write_split(name, records, image_list, work, options, converter, tally,

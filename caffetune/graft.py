@@ -227,7 +227,10 @@ def _plan_layer(layer: Message, targets: list | None, source: weights.LayerRecor
         detail = f"{len(source.blobs)} blob(s) in the source, {len(targets)} in the net"
         return LayerPlan(layer.name, source.name, MISMATCHED, plans, detail)
     if all(p.action == "copy" for p in plans):
-        return LayerPlan(layer.name, source.name, COPIED, plans)
+        assumed = [p for p in plans if p.note]
+        detail = ("the net's shape is not fully known (its data source does not exist yet?): copied with the "
+                  f"source's shape {_fmt(assumed[0].source.shape)}" if assumed else "")
+        return LayerPlan(layer.name, source.name, COPIED, plans, detail)
     notes = "; ".join(f"blob {p.index}: {p.note}" for p in plans if p.action != "copy")
     state = PARTIAL if any(p.action == "rows" for p in plans) else MISMATCHED
     return LayerPlan(layer.name, source.name, state, plans, notes)
@@ -261,14 +264,19 @@ def plan(records: list[weights.LayerRecord], net: Message, net_shapes: shapes.Ne
 
 
 # ---- fillers ---------------------------------------------------------------------------------------------------
+def filler_fields(params: Message) -> list[str]:
+    """Names of the single FillerParameter fields of a layer's parameters (weight_filler, bias_filler, filler)."""
+    return [f.name for f in params.DESCRIPTOR.fields if f.message_type is not None
+            and f.message_type.name == "FillerParameter" and f.label != f.LABEL_REPEATED]
+
+
 def _filler_for(layer: Message, index: int):
     """The FillerParameter field Caffe reads for blob `index` (weight_filler/filler for 0, bias_filler for 1) and
     whether it is written; (None, False) when the layer's parameters have no such field."""
     params = L.param_message(layer)
     if params is None:
         return None, False
-    fillers = [f.name for f in params.DESCRIPTOR.fields
-               if f.message_type is not None and f.message_type.name == "FillerParameter"]
+    fillers = filler_fields(params)
     wanted = [n for n in fillers if n != "bias_filler"] if index == 0 else ["bias_filler"] if index == 1 else []
     if not wanted or wanted[0] not in fillers:
         return None, False
@@ -289,25 +297,40 @@ def fill(shape: tuple, filler, rng: np.random.Generator) -> np.ndarray:
     if kind == "constant":
         return np.full(shape, filler.value if filler is not None else 0.0, np.float32)
     if kind == "uniform":
-        return rng.uniform(filler.min, filler.max, shape).astype(np.float32)
+        return _uniform(rng, shape, filler.min, filler.max)
     if kind == "gaussian":
-        values = rng.normal(filler.mean, filler.std, shape).astype(np.float32)
+        values = _normal(rng, shape, filler.mean, filler.std)
         if filler.sparse >= 0 and shape:
             keep = rng.random(shape) < filler.sparse / shape[0]
             values *= keep
         return values
     if kind == "positive_unitball":
-        values = rng.uniform(0, 1, (shape[0], count // shape[0])).astype(np.float32)
+        values = _uniform(rng, (shape[0], count // shape[0]), 0.0, 1.0)
         return (values / values.sum(axis=1, keepdims=True)).reshape(shape)
     if kind in ("xavier", "msra"):
         n = {0: fan_in, 1: fan_out}.get(filler.variance_norm, (fan_in + fan_out) / 2)
         if kind == "xavier":
             scale = np.sqrt(3.0 / n)
-            return rng.uniform(-scale, scale, shape).astype(np.float32)
-        return rng.normal(0.0, np.sqrt(2.0 / n), shape).astype(np.float32)
+            return _uniform(rng, shape, -scale, scale)
+        return _normal(rng, shape, 0.0, np.sqrt(2.0 / n))
     if kind == "bilinear":
         return _bilinear(shape)
     raise NetError(f"unknown filler type {kind!r}", fix="use one of Caffe's filler types (xavier, gaussian, ...)")
+
+
+def _uniform(rng: np.random.Generator, shape: tuple, low: float, high: float) -> np.ndarray:
+    """Float32 throughout: a 100M-value VGG fc6 must not pass through float64 (memory stays ~1x the blob)."""
+    values = rng.random(shape, dtype=np.float32)
+    values *= np.float32(high - low)
+    values += np.float32(low)
+    return values
+
+
+def _normal(rng: np.random.Generator, shape: tuple, mean: float, std: float) -> np.ndarray:
+    values = rng.standard_normal(shape, dtype=np.float32)
+    values *= np.float32(std)
+    values += np.float32(mean)
+    return values
 
 
 def _bilinear(shape: tuple) -> np.ndarray:
@@ -376,7 +399,7 @@ def _layer_header(layer: Message) -> bytes:
 
 
 def _resolve_blobs(layer: Message, lp: LayerPlan, model: weights.Caffemodel, keep, rng, fill_new: bool):
-    """Each blob to write as ("range", start, end) of the source file or ("bytes", encoded BlobProto)."""
+    """Each blob to write: ("range", start, end) of the source file, or ("array", values) to encode."""
     if not lp.written and not fill_new:
         return []
     pieces = []
@@ -391,12 +414,12 @@ def _resolve_blobs(layer: Message, lp: LayerPlan, model: weights.Caffemodel, kee
         initial = initial_blob(layer, bp.index, bp.target, rng)
         if bp.action == "rows":
             initial = kept_rows(model.array(bp.source), bp.target, _class_axis(layer, bp.index), keep, initial)
-        pieces.append(("bytes", weights.encode_blob(initial)))
+        pieces.append(("array", np.ascontiguousarray(initial, dtype="<f4")))
     return pieces
 
 
 def _piece_size(piece) -> int:
-    size = piece[2] - piece[1] if piece[0] == "range" else len(piece[1])
+    size = piece[2] - piece[1] if piece[0] == "range" else len(weights.blob_header(piece[1].shape)) + piece[1].nbytes
     return len(weights.length_prefix(weights.number_of("LayerParameter", "blobs"), size)) + size
 
 
@@ -409,8 +432,10 @@ def _write_layer(handle, header: bytes, pieces, model: weights.Caffemodel) -> in
         if piece[0] == "range":
             handle.write(weights.length_prefix(blobs_number, piece[2] - piece[1]))
             weights.copy_range(model, piece[1], piece[2], handle)
-        else:
-            handle.write(weights.length_prefix(blobs_number, len(piece[1])) + piece[1])
+        else:  # the header, then the values straight from the array's memory (no bytes copy of a big blob)
+            header = weights.blob_header(piece[1].shape)
+            handle.write(weights.length_prefix(blobs_number, len(header) + piece[1].nbytes) + header)
+            handle.write(memoryview(piece[1]).cast("B"))
     return len(opening) + total
 
 
@@ -432,9 +457,13 @@ def graft(source: Path | str, net_path: Path | str, output: Path | str, *, mappi
         if keep and the_plan.problems:
             raise NetError(the_plan.problems[0], where=str(net_path), fix="pass --map OLD_HEAD=NEW_HEAD")
         _check_mapping(mapping or {}, records, net)
+        if not fill_new and not any(lp.written for lp in the_plan.layers):
+            raise NetError("no blob of the source fits the net: nothing to graft", where=str(source),
+                           fix="check that SRC is the model the net was derived from; --map OLD=NEW pairs renamed "
+                               "layers, --fill writes an initialised caffemodel anyway")
         report = Report(the_plan, str(output), [], [], [])
         layers_by_name = _net_layers(net)
-        with weights.atomic_output(output) as handle:
+        with prototxt.atomic_output(output) as handle:
             name = net.name.encode()
             handle.write(weights.length_prefix(weights.number_of("NetParameter", "name"), len(name)) + name)
             report.bytes_written += len(name)

@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -87,13 +88,32 @@ _PYCAFFE_SHAPES = textwrap.dedent("""
 """)
 
 
+def without_fillers(net: Message) -> Message:
+    """A copy of the net whose fillers are all `constant`: Caffe then builds it without drawing random numbers for
+    every weight (shapes do not depend on fillers; a VGG16 builds in half the time)."""
+    copy = type(net)()
+    copy.CopyFrom(net)
+    for layer in L.all_layers(copy):
+        params = L.param_message(layer)
+        if params is None:
+            continue
+        for name in graft.filler_fields(params):
+            params.ClearField(name)  # an unwritten filler is Caffe's constant 0
+    return copy
+
+
 def pycaffe_shapes(net_path: Path | str, phase: str, install=None, timeout: int = 600) -> shapes.NetShapes:
     """Shapes Caffe itself computes by building the net; raises CaffetuneError when it cannot."""
     install = install or caffe_bin.find_caffe()
     env = install.env()
     env["GLOG_minloglevel"] = "2"
-    result = subprocess.run([sys.executable, "-c", _PYCAFFE_SHAPES, str(net_path), phase], env=env,
-                            capture_output=True, text=True, timeout=timeout)
+    net = without_fillers(prototxt.load(net_path))
+    # Caffe resolves the net's relative paths (LMDBs, list files) from the working directory, wherever the file is.
+    with tempfile.NamedTemporaryFile("w", suffix=".prototxt", prefix="caffetune-shapes-") as handle:
+        handle.write(prototxt.format(net))
+        handle.flush()
+        result = subprocess.run([sys.executable, "-c", _PYCAFFE_SHAPES, handle.name, phase], env=env,
+                                capture_output=True, text=True, timeout=timeout)
     line = next((ln for ln in result.stdout.splitlines() if ln.startswith("SHAPES ")), None)
     if result.returncode != 0 or line is None:
         why = _caffe_failure(result.stderr)
@@ -112,8 +132,8 @@ def _caffe_failure(stderr: str) -> str:
     return fatal[-1].split("] ", 1)[1] if fatal else lines[-1]
 
 
-def net_shapes_for(net: Message, net_path: Path | str, phase: str, use_pycaffe: bool) -> tuple[shapes.NetShapes,
-                                                                                                 str, list[str]]:
+def net_shapes_for(net: Message, net_path: Path | str, phase: str, use_pycaffe: bool,
+                   caffe: str | None = None) -> tuple[shapes.NetShapes, str, list[str]]:
     """(shapes, where they came from, notes): pycaffe's when it can build the net, else caffetune's inference."""
     notes = []
     inferred = shapes.infer(net, phase, Path(net_path).parent)
@@ -124,7 +144,7 @@ def net_shapes_for(net: Message, net_path: Path | str, phase: str, use_pycaffe: 
         use_pycaffe = False
     if use_pycaffe:
         try:
-            found = pycaffe_shapes(net_path, phase)
+            found = pycaffe_shapes(net_path, phase, caffe_bin.find_caffe(caffe))
             for name in found.outputs:  # net.params lists only the layers that have blobs
                 found.params.setdefault(name, [])
             return found, "pycaffe", notes
@@ -172,11 +192,11 @@ def _trainable(row: LayerRow) -> int:
 
 
 def inspect_net(net_path: Path | str, weights_path: Path | str | None = None, *, phase: str = "TRAIN",
-                use_pycaffe: bool = True) -> NetReport:
+                use_pycaffe: bool = True, caffe: str | None = None) -> NetReport:
     """The report for a net (and, with `weights_path`, how Caffe would copy that file's layers into it)."""
     net = prototxt.load(net_path)
     L.check_not_mixed(net, str(net_path))
-    net_shapes, source, notes = net_shapes_for(net, net_path, phase, use_pycaffe)
+    net_shapes, source, notes = net_shapes_for(net, net_path, phase, use_pycaffe, caffe)
     head_names, head_note = _detected_heads(net)
     states = lr_policy.layer_states(net)
     rows = [_row(layer, net_shapes, states, set(head_names)) for layer in L.all_layers(net)
@@ -275,12 +295,10 @@ def size_text(size: int) -> str:
     return f"{size / 1e6:.1f} MB" if size >= 1e5 else f"{size:,} B"
 
 
-def environment_has_pycaffe() -> bool:
+def environment_has_pycaffe(caffe: str | None = None) -> bool:
     """Whether a Caffe with pycaffe is installed (shapes from the real Caffe)."""
-    if os.environ.get("CAFFETUNE_NO_PYCAFFE"):
-        return False
     try:
-        return caffe_bin.find_caffe().pycaffe_dir is not None
+        return caffe_bin.find_caffe(caffe).pycaffe_dir is not None
     except CaffetuneError:
         return False
 

@@ -32,7 +32,7 @@ def _pid_alive(pid: int) -> bool:
 def remove_stale_siblings(target: Path) -> list[Path]:
     """Remove temporary folders that killed builds of `target` left beside it (their process is gone)."""
     removed = []
-    for candidate in target.parent.glob(f".{target.name}.*-*-*"):
+    for candidate in target.parent.glob(f".{target.name}.building-*-*"):
         try:
             pid = int(candidate.name.rsplit("-", 2)[1])
         except (ValueError, IndexError):

@@ -55,10 +55,14 @@ def csv_text(records: list[Record]) -> str:
         names.update(dict.fromkeys(record.values))
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(KEY_COLUMNS + list(names))
-    for record in records:
-        writer.writerow([record.phase, record.iteration, record.net]
-                        + [_csv_value(record.values.get(name)) for name in names])
+    writer.writerow(KEY_COLUMNS + [name for name in names if name])
+    return buffer.getvalue() + "".join(_csv_row(record, names) for record in records)
+
+
+def _csv_row(record: Record, names) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(
+        [record.phase, record.iteration, record.net] + [_csv_value(record.values.get(name)) for name in names])
     return buffer.getvalue()
 
 
@@ -67,36 +71,41 @@ def _csv_value(value) -> str:
 
 
 class MetricsWriter:
-    """Appends records to metrics.jsonl as they come and keeps metrics.csv current (rewritten atomically, so that
-    a new output name simply adds a column)."""
+    """Appends each record to metrics.jsonl and metrics.csv as it comes; the CSV is rewritten (atomically) only
+    when a record brings a new value name, so that it gains a column."""
 
-    def __init__(self, run_dir: Path | str, resume_from: int | None = None, csv_every: int = 1):
+    def __init__(self, run_dir: Path | str, resume_from: int | None = None):
         self.run_dir = Path(run_dir)
-        self.csv_every = csv_every
         kept = [r for r in read_records(self.run_dir) if r.iteration < resume_from] if resume_from is not None else []
         self.records: list[Record] = kept
-        self._pending = 0
-        self._jsonl = None
+        self.columns: dict[str, None] = {}
+        self._jsonl = self._csv = None
 
     def __enter__(self) -> "MetricsWriter":
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(self.run_dir / JSONL_NAME, "".join(record_to_json(r) + "\n" for r in self.records))
         self._jsonl = open(self.run_dir / JSONL_NAME, "a")
-        self._write_csv()
+        self._rewrite_csv()
         return self
 
     def write(self, record: Record) -> None:
         self.records.append(record)
         self._jsonl.write(record_to_json(record) + "\n")
         self._jsonl.flush()
-        self._pending += 1
-        if self._pending >= self.csv_every:
-            self._write_csv()
+        if any(name not in self.columns for name in record.values):
+            self._rewrite_csv()
+        else:
+            self._csv.write(_csv_row(record, self.columns))
+            self._csv.flush()
 
-    def _write_csv(self) -> None:
-        write_atomic(self.run_dir / CSV_NAME, csv_text(self.records))
-        self._pending = 0
+    def _rewrite_csv(self) -> None:
+        if self._csv is not None:
+            self._csv.close()
+        text = csv_text(self.records)
+        self.columns = dict.fromkeys(text.split("\n", 1)[0].split(",")[len(KEY_COLUMNS):])
+        write_atomic(self.run_dir / CSV_NAME, text)
+        self._csv = open(self.run_dir / CSV_NAME, "a")
 
     def __exit__(self, *exc) -> None:
         self._jsonl.close()
-        self._write_csv()
+        self._csv.close()

@@ -1,6 +1,7 @@
 """Prototxt text <-> Caffe messages, with file:line:col in every parse error."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -68,15 +69,30 @@ def format(message: Message) -> str:  # noqa: A001 - mirrors text_format's verb
     return text_format.MessageToString(message, as_utf8=True)
 
 
-def write_atomic(path: Path | str, data: str | bytes) -> None:
-    """Write a file via a temporary file beside it and a rename, so the target is never half-written."""
+@contextlib.contextmanager
+def atomic_output(path: Path | str):
+    """A binary handle whose content replaces `path` only when the block succeeds: a temporary file beside the
+    target, then a rename, so an interrupted write never leaves a half-written file at `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the mode open() would
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data.encode() if isinstance(data, str) else data)
+            yield handle
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: Path | str, data: str | bytes) -> None:
+    """Write a whole file atomically (see atomic_output)."""
+    with atomic_output(path) as handle:
+        handle.write(data.encode() if isinstance(data, str) else data)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -24,13 +24,13 @@ import signal
 import subprocess
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from google.protobuf.message import Message
 
-from . import __version__, caffe_bin, plots, preflight, prototxt
+from . import __version__, caffe_bin, layers, plots, preflight, prototxt
 from .caffe_bin import CaffeInstall
 from .errors import RunError
 from .logparse import Event, LogParser, Record, main_accuracy
@@ -41,6 +41,26 @@ SATURATED_LOSS = 87.3365
 PATH_FIELDS = ("source", "mean_file", "root_folder")
 SNAPSHOT_DIR = "snapshots"
 _ITER_FILE = re.compile(r"_iter_(\d+)\.(caffemodel|solverstate)(\.h5)?$")
+
+
+def is_saturated(loss: float, images: int = 1) -> bool:
+    """Whether a loss is k/images x 87.3365 (k >= 1): k of the images averaged into it have probability 0 for
+    their true class. Caffe prints 6 significant digits, hence the tolerance."""
+    if not math.isfinite(loss):
+        return False
+    count = loss / SATURATED_LOSS * images
+    return round(count) >= 1 and abs(count - round(count)) < 1e-5 * images
+
+
+def images_per_loss(nets, solver: Message) -> int:
+    """How many images one displayed loss averages: batch_size x iter_size x average_loss (1 when unknown)."""
+    for net in nets:
+        for layer in layers.all_layers(net):
+            params = layers.param_message(layer)
+            if "TRAIN" in layers.phases(layer) and params is not None and "batch_size" in \
+                    params.DESCRIPTOR.fields_by_name and params.batch_size:
+                return params.batch_size * max(solver.iter_size, 1) * max(solver.average_loss, 1)
+    return 1
 
 
 @dataclass(frozen=True)
@@ -75,6 +95,7 @@ class RunOptions:
     keep_best: bool = True                # snapshot at every test pass, keep best.caffemodel
     early_stop: int | None = None         # stop after this many test passes without a better accuracy
     watchdog_patience: int = 3            # displays of a loss stuck at 87.3365 before stopping
+    images_per_loss: int = 1              # batch x iter_size x average_loss: a saturated loss is k/this x 87.3365
     max_iter: int | None = None           # override the solver's max_iter
     lr_factor: float = 1.0                # multiply the solver's base_lr
     preflight: bool = True
@@ -326,18 +347,19 @@ class Watch:
 
     def _check_loss(self, record: Record) -> None:
         loss = record.values.get("loss")
-        if loss is None:
+        if loss is None or self.tripped is not None:
             return
         fix = (f"lower base_lr (it is {self.base_lr:g}; try {self.base_lr / 10:g}), check that the data is scaled "
                "(transform_param scale / mean) and that the labels are right")
         if not math.isfinite(loss):
             self.tripped = RunError(f"the loss is {loss} at iteration {record.iteration}: training diverged",
                                     where=str(self.run_dir / "caffe.log"), fix=fix)
-        self.saturated = self.saturated + 1 if abs(loss - SATURATED_LOSS) < 1e-3 else 0
+        self.saturated = self.saturated + 1 if is_saturated(loss, self.options.images_per_loss) else 0
         if self.saturated >= self.options.watchdog_patience:
-            self.tripped = RunError(f"the loss is stuck at {SATURATED_LOSS} (-log of the smallest float: the net "
-                                    f"gives the true class probability 0) for {self.saturated} displays, up to "
-                                    f"iteration {record.iteration}", where=str(self.run_dir / "caffe.log"), fix=fix)
+            self.tripped = RunError(f"the loss is stuck at multiples of {SATURATED_LOSS} (-log of the smallest float: "
+                                    f"the net gives true classes probability 0) for {self.saturated} displays, up "
+                                    f"to iteration {record.iteration} (loss {loss:g})",
+                                    where=str(self.run_dir / "caffe.log"), fix=fix)
 
     def _on_test(self, record: Record) -> None:
         found = main_accuracy(record.values) if record.net == 0 else None
@@ -481,6 +503,7 @@ def start(options: RunOptions, callback: Callback = _quiet, base: Path | None = 
         raise RunError(f"the run directory {run_dir} exists already", where=str(run_dir),
                        fix=f"continue it with `caffetune run --resume {run_dir}`, or pick another --name")
     solver = finalize_solver(prepared, options, run_dir.resolve(), mode)
+    options = replace(options, images_per_loss=images_per_loss(prepared.nets.values(), solver))
     write_run_dir(run_dir, prepared, solver)
     command = [str(install.binary), "train", f"-solver={run_dir.resolve() / 'solver.prototxt'}"]
     if prepared.snapshot:
@@ -505,7 +528,8 @@ def resume(run_dir: Path | str, callback: Callback = _quiet, options: RunOptions
     saved = json.loads((run_dir / "run.json").read_text())["options"]
     options = options or RunOptions(solver=run_dir / "solver.prototxt", keep_best=saved.get("keep_best", True),
                                     early_stop=saved.get("early_stop"), gpu=saved.get("gpu"),
-                                    caffe=saved.get("caffe"))
+                                    caffe=saved.get("caffe"), images_per_loss=saved.get("images_per_loss", 1),
+                                    watchdog_patience=saved.get("watchdog_patience", 3))
     install = caffe_bin.find_caffe(options.caffe)
     solver = prototxt.load(run_dir / "solver.prototxt", "SolverParameter")
     flags, _mode, notices = gpu_flags(install, options.gpu, options.strict_gpu, solver)
@@ -527,7 +551,7 @@ def _launch(command: list[str], run_dir: Path, install: CaffeInstall, options: R
     _remember_user_snapshot(run_dir, user_snapshot)
     callback(Notice("info", f"run directory {run_dir}"))
     callback(Notice("info", quoted))
-    with MetricsWriter(run_dir, resume_from=resume_from, csv_every=10) as metrics:
+    with MetricsWriter(run_dir, resume_from=resume_from) as metrics:
         watch = Watch(run_dir, solver, options, metrics, callback, user_snapshot)
         status = _watch(command, run_dir, install, watch, "a" if resume_from is not None else "w")
         records = list(metrics.records)

@@ -123,10 +123,9 @@ def _encoded_chw(data: bytes, layer) -> tuple[int, int, int]:
 
 
 def _data(layer, params, bottoms, ctx) -> tuple[list, list]:
-    if params.backend != type(params).DESCRIPTOR.fields_by_name["backend"].enum_type.values_by_name["LMDB"].number:
-        raise Unknown("reading the first record of a LevelDB is not supported; the shape needs an LMDB")
-    path = _resolve(ctx, params.source)
-    if path is None:  # the LMDB is not built yet: batch and crop are known, the rest is not
+    lmdb_backend = type(params).DESCRIPTOR.fields_by_name["backend"].enum_type.values_by_name["LMDB"].number
+    path = _resolve(ctx, params.source) if params.backend == lmdb_backend else None  # LevelDB is not read
+    if path is None:  # no LMDB (yet): batch and crop are known, the rest is not
         channels, height, width = None, None, None
     else:
         channels, height, width = _first_datum_chw(path, layer)
@@ -381,12 +380,6 @@ def _net_inputs(net: Message) -> dict[str, Shape]:
     return shapes
 
 
-def layer_params(layer: Message):
-    """The `*_param` message the shape rules read (a V1 data layer keeps crop_size etc. in its own message)."""
-    params = L.param_message(layer)
-    return params if params is not None else None
-
-
 def infer(net: Message, phase: str = "TRAIN", base_dir: Path | str | None = None) -> NetShapes:
     """Shapes of every layer of the net that runs in `phase`, in net order."""
     ctx = _Context(net, [Path.cwd()] + ([Path(base_dir)] if base_dir else []))
@@ -405,16 +398,12 @@ def _infer_layer(layer: Message, ctx: _Context, result: NetShapes) -> None:
     try:
         if rule is None:
             raise Unknown(f"caffetune has no shape rule for type {kind}")
-        tops, params = rule(layer, layer_params(layer), bottoms, ctx)
-    except Unknown as why:
-        tops, params = [None] * len(layer.top), None
-        if L.learnable_blob_count(layer) == 0:
-            params = []
-        if all(b is not None for b in bottoms) or not bottoms:
-            result.problems.append(f"{layer.name}: {why}")
-    except (ValueError, ZeroDivisionError, IndexError, TypeError) as error:
-        tops, params = [None] * len(layer.top), None
-        result.problems.append(f"{layer.name}: cannot infer its shape ({error})")
+        tops, params = rule(layer, L.param_message(layer), bottoms, ctx)
+    except (Unknown, ValueError, ZeroDivisionError, IndexError, TypeError) as why:
+        tops, params = [None] * len(layer.top), [] if L.learnable_blob_count(layer) == 0 else None
+        if all(is_complete(b) for b in bottoms):  # else the cause is upstream, already reported or a missing LMDB
+            detail = why if isinstance(why, Unknown) else f"cannot infer its shape ({why})"
+            result.problems.append(f"{layer.name}: {detail}")
     result.outputs[layer.name] = list(tops) + [None] * (len(layer.top) - len(tops))
     result.params[layer.name] = params
     for name, shape in zip(layer.top, result.outputs[layer.name]):

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -143,13 +141,18 @@ def length_prefix(number: int, length: int) -> bytes:
     return encode_key(number, LENGTH) + encode_varint(length)
 
 
+def blob_header(shape: tuple[int, ...]) -> bytes:
+    """The bytes of a BlobProto before its packed float32 values: the shape, then the data field's opening."""
+    dims = b"".join(encode_varint(int(d)) for d in shape)
+    encoded_shape = length_prefix(number_of("BlobShape", "dim"), len(dims)) + dims if shape else b""
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    return (length_prefix(number_of("BlobProto", "shape"), len(encoded_shape)) + encoded_shape
+            + length_prefix(number_of("BlobProto", "data"), 4 * count))
+
+
 def encode_blob(array: np.ndarray) -> bytes:
     """A BlobProto (shape + packed float data) for an array, as Caffe's Blob::ToProto writes it."""
-    dims = b"".join(encode_varint(int(d)) for d in array.shape)
-    shape = length_prefix(number_of("BlobShape", "dim"), len(dims)) + dims if array.shape else b""
-    data = np.ascontiguousarray(array, dtype="<f4").tobytes()
-    return (length_prefix(number_of("BlobProto", "shape"), len(shape)) + shape
-            + length_prefix(number_of("BlobProto", "data"), len(data)) + data)
+    return blob_header(array.shape) + np.ascontiguousarray(array, dtype="<f4").tobytes()
 
 
 # ---- the reader ------------------------------------------------------------------------------------------------
@@ -190,7 +193,7 @@ class LayerRecord:
 
     @property
     def parameter_count(self) -> int:
-        return sum(blob.count for blob in self.blobs)
+        return sum(blob.shape_count for blob in self.blobs if blob.dtype)
 
 
 @dataclass(frozen=True)
@@ -449,24 +452,6 @@ def shape_matches(blob: BlobRef, target: tuple[int, ...]) -> bool:
     if blob.legacy:
         return legacy_shape(tuple(target)) == tuple(blob.shape)
     return tuple(blob.shape) == tuple(target)
-
-
-@contextmanager
-def atomic_output(path: Path | str):
-    """A binary file handle whose content replaces `path` only when the block succeeds (for streamed writes)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file the mode open() would
-        with os.fdopen(fd, "wb") as handle:
-            yield handle
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def copy_range(source: Caffemodel, start: int, end: int, handle) -> None:

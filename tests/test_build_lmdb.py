@@ -311,7 +311,7 @@ def _wait_for_partial_database(folder: Path, out: Path, process) -> Path:
     raise AssertionError(f"the build never started writing: {process.communicate()}")
 
 
-@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_a_killed_build_leaves_nothing_at_the_target(tmp_path, how):
     write_class_folders(tmp_path / "src", classes=2, per_class=20)
     # A FIFO in the list blocks the build mid-way (reading it waits for a writer), so the kill lands mid-write.

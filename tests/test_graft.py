@@ -311,3 +311,44 @@ def test_a_layer_that_lost_its_bias_keeps_its_weights(caffe_install, source, tmp
     loaded = loaded_params(caffe_install, net, out, tmp_path / "p.npz")
     assert loaded["conv1/0"].tobytes() == source_arrays(source)["conv1/0"].tobytes()
     assert "conv1/1" not in loaded.files
+
+
+def test_graft_from_a_v1_caffemodel_with_legacy_blobs(caffe_install, tmp_path):
+    """Old model-zoo files store biases as 1x1x1xN: they are copied verbatim and Caffe accepts them."""
+    from caffetune import schema
+
+    rng = np.random.default_rng(5)
+    old = schema.current().NetParameter(name="old")
+    enum = old.DESCRIPTOR.fields_by_name["layers"].message_type.fields_by_name["type"].enum_type
+    arrays = {"conv1": [rng.normal(size=(4, 3, 3, 3)), rng.normal(size=4)],
+              "fc": [rng.normal(size=(5, 36)), rng.normal(size=5)]}
+    for name, blobs in arrays.items():
+        kind = "CONVOLUTION" if name == "conv1" else "INNER_PRODUCT"
+        layer = old.layers.add(name=name, type=enum.values_by_name[kind].number)
+        for array in blobs:
+            blob = layer.blobs.add()
+            blob.num, blob.channels, blob.height, blob.width = (1,) * (4 - array.ndim) + array.shape
+            blob.data.extend(array.astype(np.float32).ravel().tolist())
+    model = tmp_path / "old.caffemodel"
+    model.write_bytes(old.SerializeToString())
+    net = tmp_path / "deploy.prototxt"
+    net.write_text(new_net("fc_new", 3).replace('layer { name: "bn1"', '# bn1').replace(
+        'layer { name: "scale1"', '# scale1'))
+    out = tmp_path / "grafted.caffemodel"
+    report = graft.graft(model, net, out, mapping={"fc_new": "fc"}, keep=[(4, 0), (0, 1)])
+    assert report.plan.names("copied") == ["conv1"] and report.plan.names("partial") == ["fc_new"]
+    loaded = loaded_params(caffe_install, net, out, tmp_path / "p.npz")
+    assert loaded["conv1/0"].tobytes() == arrays["conv1"][0].astype(np.float32).tobytes()
+    assert loaded["conv1/1"].tobytes() == arrays["conv1"][1].astype(np.float32).tobytes()
+    assert loaded["fc_new/0"][0].tobytes() == arrays["fc"][0][4].astype(np.float32).tobytes()
+    assert loaded["fc_new/1"][1] == np.float32(arrays["fc"][1][0])
+
+
+def test_nothing_to_graft_is_an_error(source, tmp_path):
+    net = tmp_path / "other.prototxt"
+    net.write_text('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 } } }\n'
+                   'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" '
+                   'inner_product_param { num_output: 2 } }\n')
+    with pytest.raises(NetError, match="nothing to graft"):
+        graft.graft(source, net, tmp_path / "out.caffemodel")
+    assert graft.graft(source, net, tmp_path / "out.caffemodel", fill_new=True).written_layers == ["ip"]

@@ -139,10 +139,20 @@ def test_shape_inference_agrees_with_caffe(caffe_install, caffe_source, model):
     assert {k: v for k, v in inferred.params.items() if v} == real.params
 
 
-def test_missing_lmdb_falls_back_to_inference_with_the_reason(caffe_install, caffe_source):
+def test_missing_lmdb_falls_back_to_inference_with_caffes_reason(caffe_install, tmp_path):
+    net = tmp_path / "train.prototxt"
+    net.write_text(TINY.replace('type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 16 dim: 16 } }',
+                                'type: "Data" top: "data" data_param { source: "no_lmdb" backend: LMDB batch_size: 2 }'))
+    report = report_lib.inspect_net(net)
+    assert report.shape_source == "caffetune"
+    assert any("pycaffe could not build the net" in note and "mdb_status" in note for note in report.notes)
+    assert {row.name: row.outputs for row in report.layers}["fc1"] == [(2, 16)]
+
+
+def test_big_nets_are_not_built_in_pycaffe_for_their_shapes(caffe_install, caffe_source):
     report = report_lib.inspect_net(caffe_source / "models/bvlc_reference_caffenet/train_val.prototxt")
     assert report.shape_source == "caffetune"
-    assert any("pycaffe could not build the net" in note and "mdb" in note.lower() for note in report.notes)
+    assert any("GB of blobs" in note for note in report.notes)
     rows = {row.name: row for row in report.layers}
     assert rows["data"].outputs[0] == (256, None, 227, 227)  # channels need the LMDB
     assert rows["fc6"].params == [(4096, 9216), (4096,)]

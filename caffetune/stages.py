@@ -1,0 +1,105 @@
+"""Two-stage fine-tuning in one command, as the Keras InceptionV3 recipe does with two fit() calls:
+
+1. heads only: every learnable layer but the classifier head(s) frozen (lr_mult 0, BatchNorm on global stats);
+2. unfreeze from a layer on (everything before it stays frozen) with a lower base_lr, starting from stage one's
+   best weights.
+
+Each stage is an ordinary run directory (runs/<name>/stage1, runs/<name>/stage2) with its own best.caffemodel and
+optional early stopping; runs/<name>/best.caffemodel is the best of both.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from google.protobuf.message import Message
+
+from . import heads as heads_module
+from . import layers, lr_policy, prototxt, runner
+from .errors import NetError, RunError
+
+
+@dataclass
+class StagePlan:
+    unfreeze_from: str | None = None      # first layer trained in stage two (None: every layer)
+    stage1_iter: int | None = None        # default: the solver's max_iter
+    stage2_iter: int | None = None
+    lr_factor: float = 0.1                # stage two's base_lr = the solver's times this
+    heads: list[str] = field(default_factory=list)   # default: found by heads.find_heads
+
+
+def _head_mults(net: Message, names: set[str]) -> tuple[float, float]:
+    """The head's own (weight, bias) lr_mult as written, so that stage one does not change them."""
+    for layer in layers.all_layers(net):
+        if layer.name in names:
+            mults = layers.lr_mults(layer) or [1.0]
+            return mults[0], mults[1] if len(mults) > 1 else mults[0]
+    return 1.0, 1.0
+
+
+def freeze_backbone(heads: list[str]):
+    """Stage one's net edit: freeze every learnable layer except the heads."""
+    def transform(net: Message) -> Message:
+        names = {head.name for head in heads_module.find_heads(net, heads or None)}
+        policy = lr_policy.Policy(new_layers=frozenset(names), freeze="backbone",
+                                  new_lr_mult=_head_mults(net, names))
+        return lr_policy.apply(net, lr_policy.plan(net, policy))
+    return transform
+
+
+def freeze_before(layer_name: str | None):
+    """Stage two's net edit: freeze every layer before `layer_name` (nothing when None)."""
+    def transform(net: Message) -> Message:
+        if layer_name is None:
+            return net
+        names = [layer.name for layer in layers.all_layers(net)]
+        if layer_name not in names:
+            raise NetError(f"--unfreeze-from {layer_name}: the net has no layer of that name",
+                           fix=f"use one of: {', '.join(names)}")
+        index = names.index(layer_name)
+        if index == 0:
+            return net
+        return lr_policy.apply(net, lr_policy.plan(net, lr_policy.Policy(freeze_through=names[index - 1])))
+    return transform
+
+
+def _stage_weights(result: runner.RunResult) -> Path:
+    weights = result.best or result.snapshot
+    if weights is None:
+        raise RunError("stage one left no weights to start stage two from", where=str(result.run_dir),
+                       fix="check stage one's caffe.log; set snapshot_after_train or a test phase")
+    return weights
+
+
+def _write_overall_best(root: Path, results: list[runner.RunResult]) -> None:
+    ranked = [r for r in results if r.best is not None and r.best_accuracy is not None]
+    if not ranked:
+        return
+    best = max(ranked, key=lambda r: r.best_accuracy)
+    runner._copy_atomic(best.best, root / "best.caffemodel")
+    info = json.loads((best.run_dir / "best.json").read_text()) | {"stage": best.run_dir.name}
+    prototxt.write_atomic(root / "best.json", json.dumps(info, indent=2) + "\n")
+
+
+def run_two_stages(options: runner.RunOptions, plan: StagePlan, callback: runner.Callback = runner._quiet,
+                   base: Path | None = None) -> list[runner.RunResult]:
+    """Stage one (heads only), then stage two from stage one's best weights. Returns the runs made (one when
+    stage one was interrupted)."""
+    if options.snapshot:
+        raise RunError("--stages starts from weights, not from a snapshot", fix="drop --snapshot, or run without "
+                                                                                 "--stages to continue a snapshot")
+    name = options.name or runner.default_name(options.solver)
+    root = Path(base or Path.cwd()) / options.runs_root / name
+    callback(runner.Notice("info", "stage 1: heads only, backbone frozen"))
+    first = runner.start(replace(options, name=f"{name}/stage1", transform_net=freeze_backbone(plan.heads),
+                                 max_iter=plan.stage1_iter or options.max_iter), callback, base)
+    if first.status == "interrupted":
+        return [first]
+    callback(runner.Notice("info", f"stage 2: unfreeze from {plan.unfreeze_from or 'the first layer'}, base_lr x "
+                                   f"{plan.lr_factor:g}, from {_stage_weights(first)}"))
+    second = runner.start(replace(options, name=f"{name}/stage2", weights=[_stage_weights(first)],
+                                  transform_net=freeze_before(plan.unfreeze_from), lr_factor=plan.lr_factor,
+                                  max_iter=plan.stage2_iter or options.max_iter), callback, base)
+    _write_overall_best(root.resolve(), [first, second])
+    return [first, second]
