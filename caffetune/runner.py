@@ -381,7 +381,7 @@ class Watch:
             self.stale_tests = 0
         elif not improved:
             self.stale_tests += 1
-        self._prune()
+        self._prune(ranked_up_to=iteration)
         if self.options.early_stop and self.stale_tests >= self.options.early_stop:
             self.stop_requested = True
 
@@ -397,19 +397,26 @@ class Watch:
         elif event.kind == "done":
             self.done = True
 
-    def _prune(self) -> None:
-        """With snapshots at every test pass, keep only the newest, the best and those the user's interval asked
-        for (the newest is written before its test pass, so every older one has been ranked already)."""
-        if self.run_dir.joinpath(SNAPSHOT_DIR).is_dir() is False:
+    def _prune(self, ranked_up_to: int) -> None:
+        """With snapshots at every test pass, keep only the best, those the user's interval asked for, and any not
+        ranked yet (caffe may be ahead of the log lines read so far; the newest stays for --resume)."""
+        folder = self.run_dir / SNAPSHOT_DIR
+        if not folder.is_dir():
             return
-        keep = {self.best["iteration"] if self.best else None}
-        files = [p for p in (self.run_dir / SNAPSHOT_DIR).iterdir() if snapshot_iteration(p) is not None]
-        newest = max((snapshot_iteration(p) for p in files), default=None)
-        for path in files:
+        best = self.best["iteration"] if self.best else None
+        for path in folder.iterdir():
             iteration = snapshot_iteration(path)
-            wanted = self.user_snapshot and iteration % self.user_snapshot == 0
-            if iteration not in keep and iteration != newest and not wanted:
+            if iteration is None or iteration >= ranked_up_to or iteration == best:
+                continue
+            if not (self.user_snapshot and iteration % self.user_snapshot == 0):
                 path.unlink(missing_ok=True)
+
+    def finish(self) -> None:
+        """After caffe exits: of the snapshots never ranked, keep only the newest (for --resume)."""
+        folder = self.run_dir / SNAPSHOT_DIR
+        if self.options.keep_best and folder.is_dir():
+            newest = max((snapshot_iteration(p) or 0 for p in folder.iterdir()), default=0)
+            self._prune(ranked_up_to=newest)
 
     def _report(self) -> None:
         elapsed = time.monotonic() - self.started
@@ -448,12 +455,14 @@ def _caffe_env(install: CaffeInstall) -> dict:
     return env
 
 
-def _watch(command: list[str], run_dir: Path, install: CaffeInstall, watch: Watch, log_mode: str) -> int:
+def _watch(command: list[str], run_dir: Path, install: CaffeInstall, watch: Watch, log_mode: str,
+           on_started: Callable[[], None]) -> int:
     """Launch caffe, copy its output to caffe.log, parse it line by line; returns caffe's exit status."""
     parser = LogParser()
     with open(run_dir / "caffe.log", log_mode + "b") as log:
         process = subprocess.Popen(command, cwd=run_dir, env=_caffe_env(install), stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, start_new_session=True)
+        on_started()  # bookkeeping while caffe sets up its nets, not before
         with _SigintForwarder(process) as forwarder:
             for raw in process.stdout:
                 log.write(raw)
@@ -546,14 +555,18 @@ def _launch(command: list[str], run_dir: Path, install: CaffeInstall, options: R
     quoted = shlex.join(command)
     with open(run_dir / "command.txt", "a") as handle:
         handle.write(f"cd {shlex.quote(str(run_dir))} && {quoted}\n")
-    _record_json(run_dir, options, install, {"command": command, "resume_from": resume_from,
-                                             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    _remember_user_snapshot(run_dir, user_snapshot)
     callback(Notice("info", f"run directory {run_dir}"))
     callback(Notice("info", quoted))
+
+    def record() -> None:
+        _record_json(run_dir, options, install, {"command": command, "resume_from": resume_from,
+                                                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        _remember_user_snapshot(run_dir, user_snapshot)
+
     with MetricsWriter(run_dir, resume_from=resume_from) as metrics:
         watch = Watch(run_dir, solver, options, metrics, callback, user_snapshot)
-        status = _watch(command, run_dir, install, watch, "a" if resume_from is not None else "w")
+        status = _watch(command, run_dir, install, watch, "a" if resume_from is not None else "w", record)
+        watch.finish()
         records = list(metrics.records)
     plots.write_png(records, run_dir / "plot.png", title=run_dir.name)
     if watch.tripped is not None:

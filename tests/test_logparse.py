@@ -88,3 +88,18 @@ def test_plot_writes_a_png_from_any_log(tmp_path):
     assert xs == [0, 200] and ys == [0.0868, 0.9718]
     xs, _ = plots.series(records, "train", "loss")
     assert xs == [0, 100]  # the inf loss at 200 is not drawn
+
+
+def test_plot_command_draws_any_caffe_log(tmp_path):
+    from click.testing import CliRunner
+
+    from caffetune.cli import cli
+
+    result = CliRunner().invoke(cli, ["plot", str(DATA / "new_format.log"), "-o", str(tmp_path / "curves.png")])
+    assert result.exit_code == 0, result.output
+    assert "3 train and 2 test records" in result.output
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    empty = tmp_path / "empty.log"
+    empty.write_text("nothing to see\n")
+    result = CliRunner().invoke(cli, ["plot", str(empty)])
+    assert result.exit_code == 1 and "no iteration, loss or test lines" in str(result.exception)

@@ -1,0 +1,188 @@
+"""The seed experiment of `make transfer-bench`: fine-tuning against training from scratch, on real data.
+
+1. A small CNN (LeNet-shaped) learns Fashion-MNIST classes 0-4 (T-shirt/top, Trouser, Pullover, Dress, Coat) from
+   random init: `caffetune run`.
+2. `caffetune rewrite` gives it a new 5-class head for classes 5-9 (Sandal, Shirt, Sneaker, Bag, Ankle boot), and
+   the same net and solver are trained twice on 5-9: fine-tuned from step 1's weights (`caffetune run --weights`)
+   and from random init. The val set is scored every few iterations.
+3. Printed: the iterations each needs to reach the same target accuracy on the val set (first test pass at or
+   above it; median over seeds) and their ratio. Fine-tuning should need at most a quarter.
+
+Environment: TRANSFER_TARGET (0.90), TRANSFER_SEEDS (3), TRANSFER_OUT (a temporary folder, removed afterwards).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from caffetune import dataset, fashion_mnist, imagelist, prototxt, rewrite, runner
+from caffetune.datum import ImageOptions
+from caffetune.solver import SolverOptions
+from caffetune.transforms import DataOptions
+
+TARGET = float(os.environ.get("TRANSFER_TARGET", "0.90"))
+SEEDS = [int(s) for s in range(int(os.environ.get("TRANSFER_SEEDS", "3")))]
+SOURCE_CLASSES, TARGET_CLASSES = range(0, 5), range(5, 10)
+SOURCE_PER_CLASS, TARGET_PER_CLASS = 1000, 300    # the new task has less data, as fine-tuning tasks do
+VAL_FRACTION = 2 / 3                               # of the target images: 200 per class scored at each test pass
+SOURCE_ITER, TARGET_ITER, TEST_EVERY = 600, 300, 5
+NEW_LR_MULT = tuple(float(v) for v in os.environ.get("TRANSFER_LR_MULT", "10,20").split(","))
+
+NET = """name: "fashion_lenet"
+layer { name: "data" type: "Data" top: "data" top: "label" include { phase: TRAIN }
+  transform_param { scale: 0.00390625 } data_param { source: "train_lmdb" backend: LMDB batch_size: 64 } }
+layer { name: "data" type: "Data" top: "data" top: "label" include { phase: TEST }
+  transform_param { scale: 0.00390625 } data_param { source: "val_lmdb" backend: LMDB batch_size: 100 } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 20 kernel_size: 5 weight_filler { type: "xavier" } } }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "conv2" type: "Convolution" bottom: "pool1" top: "conv2"
+  convolution_param { num_output: 50 kernel_size: 5 weight_filler { type: "xavier" } } }
+layer { name: "pool2" type: "Pooling" bottom: "conv2" top: "pool2" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "ip1" type: "InnerProduct" bottom: "pool2" top: "ip1"
+  inner_product_param { num_output: 500 weight_filler { type: "xavier" } } }
+layer { name: "relu1" type: "ReLU" bottom: "ip1" top: "ip1" }
+layer { name: "ip2" type: "InnerProduct" bottom: "ip1" top: "ip2"
+  inner_product_param { num_output: 5 weight_filler { type: "xavier" } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip2" bottom: "label" top: "loss" }
+layer { name: "accuracy" type: "Accuracy" bottom: "ip2" bottom: "label" top: "accuracy" include { phase: TEST } }
+"""
+SOLVER = """net: "train_val.prototxt"
+test_iter: 10
+test_interval: 100
+test_initialization: false
+base_lr: 0.01
+momentum: 0.9
+weight_decay: 0.0005
+lr_policy: "fixed"
+display: 50
+max_iter: 600
+snapshot_prefix: "lenet"
+solver_mode: CPU
+random_seed: 0
+"""
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+def build_images(root: Path, name: str, classes, per_class: int, val_fraction: float) -> Path:
+    """Fashion-MNIST classes -> class folders of PNGs -> build-lmdb (grey, 28x28): root/<name>/data."""
+    images = fashion_mnist.export(root / name / "images", "train", per_class, classes)
+    data = root / name / "data"
+    dataset.build(imagelist.load(images.path), data,
+                  dataset.BuildOptions(image=ImageOptions(gray=True), val_fraction=val_fraction, overwrite=True))
+    return data
+
+
+def train_source_net(root: Path, data: Path) -> Path:
+    """Step 1: the small CNN on classes 0-4, from random init; returns its final weights."""
+    model = root / "source"
+    net = NET.replace('"train_lmdb"', f'"{data / "train_lmdb"}"').replace('"val_lmdb"', f'"{data / "val_lmdb"}"')
+    prototxt.write_atomic(model / "train_val.prototxt", net)
+    prototxt.write_atomic(model / "solver.prototxt", SOLVER.replace('"train_val.prototxt"',
+                                                                     f'"{model / "train_val.prototxt"}"'))
+    result = runner.start(runner.RunOptions(solver=model / "solver.prototxt", name="source", runs_root=root / "runs",
+                                            max_iter=SOURCE_ITER, keep_best=False))
+    accuracy = last_accuracy(result.records)
+    say(f"source net (classes 0-4, {SOURCE_ITER} iterations from random init): val accuracy {accuracy:.4f}")
+    return result.snapshot
+
+
+def rewrite_for_target(root: Path, data: Path, source_weights: Path) -> Path:
+    """Step 2: `caffetune rewrite` the source net for classes 5-9: new 5-class head `ip2_target`, new data."""
+    options = rewrite.Options(classes=5, name="target", weights=str(source_weights), new_lr_mult=NEW_LR_MULT,
+                              data=DataOptions(train_source=str(data / "train_lmdb"),
+                                               val_source=str(data / "val_lmdb")),
+                              solver=str(root / "source" / "solver.prototxt"),
+                              solver_options=SolverOptions(max_iter=TARGET_ITER, test_interval=TEST_EVERY,
+                                                           lr_policy="fixed"))
+    rewrite.rewrite_files(root / "source" / "train_val.prototxt", options, output=str(root / "target"))
+    return root / "target" / "solver.prototxt"
+
+
+def with_seed(solver: Path, seed: int) -> Path:
+    """A copy of the solver with another random_seed (the fillers of the new head and of a scratch net)."""
+    message = prototxt.load(solver, "SolverParameter")
+    message.random_seed = seed
+    path = solver.with_name(f"solver_seed{seed}.prototxt")
+    prototxt.write_atomic(path, prototxt.format(message))
+    return path
+
+
+def last_accuracy(records) -> float:
+    tests = [r for r in records if r.phase == "test" and "accuracy" in r.values]
+    return tests[-1].values["accuracy"] if tests else float("nan")
+
+
+def iterations_to(records, target: float) -> int | None:
+    """The iteration of the first test pass whose accuracy reaches `target`."""
+    for record in records:
+        if record.phase == "test" and record.values.get("accuracy", 0.0) >= target:
+            return record.iteration
+    return None
+
+
+def train_target(root: Path, solver: Path, weights: list[Path], name: str) -> list:
+    result = runner.start(runner.RunOptions(solver=solver, weights=weights, name=name, runs_root=root / "runs",
+                                            keep_best=False))
+    return result.records
+
+
+def median_or_none(values: list[int | None]) -> float | None:
+    """Median where a run that never reached the target counts as infinitely slow."""
+    ordered = sorted(values, key=lambda v: float("inf") if v is None else v)
+    middle = ordered[len(ordered) // 2]
+    if len(ordered) % 2 or middle is None:
+        return middle
+    before = ordered[len(ordered) // 2 - 1]
+    return None if before is None else (before + middle) / 2
+
+
+def main() -> int:
+    started = time.perf_counter()
+    root = Path(os.environ.get("TRANSFER_OUT") or tempfile.mkdtemp(prefix="caffetune-transfer-"))
+    try:
+        say(f"data: Fashion-MNIST classes 0-4 ({SOURCE_PER_CLASS}/class) and 5-9 ({TARGET_PER_CLASS}/class, "
+            f"{VAL_FRACTION:.0%} of them the val set) in {root}")
+        source_data = build_images(root, "source", SOURCE_CLASSES, SOURCE_PER_CLASS, 0.1)
+        target_data = build_images(root, "target", TARGET_CLASSES, TARGET_PER_CLASS, VAL_FRACTION)
+        source_weights = train_source_net(root, source_data)
+        solver = rewrite_for_target(root, target_data, source_weights)
+        fine, scratch = [], []
+        for seed in SEEDS:
+            seeded = with_seed(solver, seed)
+            tuned = train_target(root, seeded, [source_weights], f"finetune-seed{seed}")
+            fresh = train_target(root, seeded, [], f"scratch-seed{seed}")
+            fine.append(iterations_to(tuned, TARGET))
+            scratch.append(iterations_to(fresh, TARGET))
+            say(f"seed {seed}: iterations to {TARGET:.0%} val accuracy: fine-tuned {fine[-1]}, from scratch "
+                f"{scratch[-1]} (final accuracy {last_accuracy(tuned):.4f} vs {last_accuracy(fresh):.4f})")
+        fine_median, scratch_median = median_or_none(fine), median_or_none(scratch)
+        say(f"\nclasses 5-9, same net and solver (test every {TEST_EVERY} iterations, batch 64), target "
+            f"{TARGET:.0%} val accuracy, median of {len(SEEDS)} seed(s):")
+        say(f"  fine-tuned from the classes 0-4 net: {fine_median} iterations")
+        say(f"  from random init:                   {scratch_median if scratch_median is not None else '>'}"
+            f"{'' if scratch_median is not None else TARGET_ITER} iterations")
+        if fine_median is None:
+            say("  ratio: fine-tuning did not reach the target")
+            return 1
+        ratio = fine_median / (scratch_median if scratch_median is not None else TARGET_ITER)
+        bound = "" if scratch_median is not None else " at most"
+        say(f"  ratio fine-tuned / scratch:{bound} {ratio:.3f} (goal: at most 0.25) "
+            f"{'OK' if ratio <= 0.25 else 'NOT MET'}")
+        say(f"total time {time.perf_counter() - started:.0f} s")
+        return 0 if ratio <= 0.25 else 1
+    finally:
+        if not os.environ.get("TRANSFER_OUT"):
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
