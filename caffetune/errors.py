@@ -72,3 +72,9 @@ class Problem:
 
 class DownloadError(CaffetuneError):
     """A pretrained model could not be downloaded, or its checksum does not match the pinned one."""
+
+
+class RunInterrupted(RunError):
+    """caffe train was stopped by Ctrl-C before it could write a snapshot."""
+
+    exit_code = 130

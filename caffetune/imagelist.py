@@ -61,6 +61,10 @@ def from_folder(folder: Path | str) -> ImageList:
     records, names = [], []
     for class_folder in class_folders:
         files = _files_under(class_folder)
+        broken = [f for f in files if "\n" in f.name or "\r" in f.name]
+        ignored += [(f.relative_to(folder).as_posix(), "line break in the file name: a list file cannot name it")
+                    for f in broken]
+        files = [f for f in files if f not in broken]
         if not files:
             ignored.append((f"{class_folder.name}/", "empty class folder: not used as a class"))
             continue

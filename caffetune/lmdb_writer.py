@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import uuid
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def replace_path(source: Path, target: Path) -> None:
 
 def make_key(index: int, path: str) -> bytes:
     """convert_imageset's key, `%08d_<relpath>`, cut to LMDB's key limit (the index alone keeps it unique)."""
-    key = f"{index:08d}_{path}".encode("utf-8")
+    key = f"{index:08d}_{path}".encode("utf-8", "surrogateescape")     # undecodable file names: their own bytes
     return key[:LMDB_MAX_KEY]
 
 
@@ -87,6 +88,7 @@ class LmdbWriter:
         self._last_key = b""
         self._tmp: Path | None = None
         self._env: lmdb.Environment | None = None
+        self._flusher: threading.Thread | None = None
 
     def __enter__(self) -> "LmdbWriter":
         check_target(self.target, self.overwrite)
@@ -117,6 +119,17 @@ class LmdbWriter:
         self.count += len(self._pending)
         self._last_key = max(self._last_key, self._pending[-1][0])
         self._pending, self._pending_bytes = [], 0
+        self._flush_in_background()
+
+    def _flush_in_background(self) -> None:
+        """Start writing committed pages to disk while the next batch is prepared, so the final sync is short."""
+        if self._flusher is None or not self._flusher.is_alive():
+            self._flusher = threading.Thread(target=self._env.sync, args=(True,), daemon=True)
+            self._flusher.start()
+
+    def _wait_for_flush(self) -> None:
+        if self._flusher is not None:
+            self._flusher.join()
 
     def _write_pending(self) -> None:
         with self._env.begin(write=True) as txn:
@@ -132,21 +145,18 @@ class LmdbWriter:
 
     def _grow(self) -> None:
         """Double the map until the pending batch fits with room to spare."""
+        self._wait_for_flush()
         needed = self._env.info()["map_size"] + 2 * self._pending_bytes
         self.map_size = max(self.map_size * 2, needed)
         self._env.set_mapsize(self.map_size)
         self.map_growths += 1
 
-    @property
-    def size_bytes(self) -> int:
-        folder = self.target if self._tmp is None or not self._tmp.exists() else self._tmp
-        data = folder / "data.mdb"
-        return data.stat().st_size if data.exists() else 0
-
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
+            self._wait_for_flush()
             if exc_type is None:
                 self.commit()
+                self._wait_for_flush()
                 self._env.sync(True)
             self._env.close()
         except BaseException:

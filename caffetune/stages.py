@@ -10,7 +10,7 @@ optional early stopping; runs/<name>/best.caffemodel is the best of both.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from google.protobuf.message import Message
@@ -82,24 +82,74 @@ def _write_overall_best(root: Path, results: list[runner.RunResult]) -> None:
     prototxt.write_atomic(root / "best.json", json.dumps(info, indent=2) + "\n")
 
 
+STAGES_FILE = "stages.json"
+
+
+def _save_plan(root: Path, options: runner.RunOptions, plan: StagePlan, base: Path) -> None:
+    """What `--resume runs/<name>` needs to finish the stages: the plan and the options, paths absolute."""
+    saved = {"plan": asdict(plan), "solver": str(runner.resolve(str(options.solver), base)),
+             "weights": [str(runner.resolve(str(w), base)) for w in options.weights],
+             "options": {key: getattr(options, key) for key in ("gpu", "strict_gpu", "caffe", "keep_best",
+                                                                "early_stop", "max_iter", "preflight")}}
+    prototxt.write_atomic(root / STAGES_FILE, json.dumps(saved, indent=2) + "\n")
+
+
 def run_two_stages(options: runner.RunOptions, plan: StagePlan, callback: runner.Callback = runner._quiet,
                    base: Path | None = None) -> list[runner.RunResult]:
     """Stage one (heads only), then stage two from stage one's best weights. Returns the runs made (one when
-    stage one was interrupted)."""
+    stage one was interrupted: `resume_stages` finishes it and runs stage two)."""
     if options.snapshot:
         raise RunError("--stages starts from weights, not from a snapshot", fix="drop --snapshot, or run without "
                                                                                  "--stages to continue a snapshot")
-    name = options.name or runner.default_name(options.solver)
-    root = Path(base or Path.cwd()) / options.runs_root / name
+    base = (base or Path.cwd()).resolve()
+    options = replace(options, name=options.name or runner.default_name(options.solver))
+    root = base / options.runs_root / options.name
     callback(runner.Notice("info", "stage 1: heads only, backbone frozen"))
-    first = runner.start(replace(options, name=f"{name}/stage1", transform_net=freeze_backbone(plan.heads),
+    first = runner.start(replace(options, name=f"{options.name}/stage1", transform_net=freeze_backbone(plan.heads),
                                  max_iter=plan.stage1_iter or options.max_iter), callback, base)
+    _save_plan(root, options, plan, base)
     if first.status == "interrupted":
         return [first]
+    return [first, _second_stage(root, options, plan, first, callback, base)]
+
+
+def _second_stage(root: Path, options: runner.RunOptions, plan: StagePlan, first: runner.RunResult,
+                  callback: runner.Callback, base: Path) -> runner.RunResult:
+    weights = _stage_weights(first)
     callback(runner.Notice("info", f"stage 2: unfreeze from {plan.unfreeze_from or 'the first layer'}, base_lr x "
-                                   f"{plan.lr_factor:g}, from {_stage_weights(first)}"))
-    second = runner.start(replace(options, name=f"{name}/stage2", weights=[_stage_weights(first)],
+                                   f"{plan.lr_factor:g}, from {weights}"))
+    second = runner.start(replace(options, name=f"{root.name}/stage2", runs_root=root.parent, weights=[weights],
                                   transform_net=freeze_before(plan.unfreeze_from), lr_factor=plan.lr_factor,
                                   max_iter=plan.stage2_iter or options.max_iter), callback, base)
-    _write_overall_best(root.resolve(), [first, second])
-    return [first, second]
+    _write_overall_best(root, [first, second])
+    return second
+
+
+def is_staged(run_dir: Path | str) -> bool:
+    return (Path(run_dir) / STAGES_FILE).is_file()
+
+
+def resume_stages(root: Path | str, callback: runner.Callback = runner._quiet) -> list[runner.RunResult]:
+    """Finish an interrupted two-stage run: resume the stage that was stopped, then run stage two if it is due."""
+    root = Path(root).resolve()
+    saved = json.loads((root / STAGES_FILE).read_text())
+    plan = StagePlan(**saved["plan"])
+    options = runner.RunOptions(solver=Path(saved["solver"]), weights=[Path(w) for w in saved["weights"]],
+                                name=root.name, runs_root=root.parent, **saved["options"])
+    if (root / "stage2" / "run.json").is_file():
+        callback(runner.Notice("info", "stage 2: resuming"))
+        second = runner.resume(root / "stage2", callback)
+        _write_overall_best(root, [_finished(root / "stage1"), second])
+        return [second]
+    callback(runner.Notice("info", "stage 1: resuming"))
+    first = runner.resume(root / "stage1", callback)
+    if first.status == "interrupted":
+        return [first]
+    return [first, _second_stage(root, options, plan, first, callback, root.parent)]
+
+
+def _finished(run_dir: Path) -> runner.RunResult:
+    """A finished stage as a RunResult, from its best.json (for ranking the stages' best snapshots)."""
+    best = json.loads((run_dir / "best.json").read_text()) if (run_dir / "best.json").is_file() else None
+    return runner.RunResult(run_dir, "done", best["iteration"] if best else 0, None, None,
+                            run_dir / "best.caffemodel" if best else None, best["accuracy"] if best else None, [], [])

@@ -92,8 +92,9 @@ def write_tiny_classifier(folder: Path, classes: int = 4, max_iter: int = 20, te
                    .replace("{classes}", str(classes)))
     solver = folder / "solver.prototxt"
     solver.write_text(f'net: "{net}"\ntest_iter: 2\ntest_interval: {test_interval}\nbase_lr: {base_lr}\n'
-                      f'lr_policy: "step" gamma: 0.5 stepsize: {max(10, max_iter // 2)}\nmomentum: 0.9\ndisplay: 1\nmax_iter: {max_iter}\n'
-                      f'snapshot_prefix: "{folder}/snap"\nsolver_mode: CPU\n{extra_solver}')
+                      f'lr_policy: "step" gamma: 0.5 stepsize: {max(10, max_iter // 2)}\nmomentum: 0.9\n'
+                      f'display: 1\nmax_iter: {max_iter}\nsnapshot_prefix: "{folder}/snap"\nsolver_mode: CPU\n'
+                      f'{extra_solver}')
     return net, solver
 
 

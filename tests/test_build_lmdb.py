@@ -295,10 +295,32 @@ def test_build_lmdb_cli_errors(tmp_path):
     assert result.exit_code == 2 and "WxH" in result.output
 
 
-def _start_build(tmp_path, out, *extra):
+def _start_build(tmp_path, out, workers=1):
     return subprocess.Popen([sys.executable, "-m", "caffetune", "build-lmdb", "--list", str(tmp_path / "list.txt"),
-                             "--root", str(tmp_path / "src"), "-o", str(out), "--no-shuffle", "--workers", "1",
-                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "--root", str(tmp_path / "src"), "-o", str(out), "--no-shuffle", "--workers",
+                             str(workers)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _all_gone(pids: list[int], timeout: float = 10) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+                   for pid in pids):
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def _wait_for_partial_database(folder: Path, out: Path, process) -> Path:
@@ -311,19 +333,23 @@ def _wait_for_partial_database(folder: Path, out: Path, process) -> Path:
     raise AssertionError(f"the build never started writing: {process.communicate()}")
 
 
-@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_a_killed_build_leaves_nothing_at_the_target(tmp_path, how):
+@pytest.mark.parametrize("how, workers", [(signal.SIGKILL, 1), (signal.SIGTERM, 1), (signal.SIGKILL, 2),
+                                          (signal.SIGTERM, 2)], ids=["SIGKILL", "SIGTERM", "SIGKILL-2", "SIGTERM-2"])
+def test_a_killed_build_leaves_nothing_at_the_target(tmp_path, how, workers):
     write_class_folders(tmp_path / "src", classes=2, per_class=20)
     # A FIFO in the list blocks the build mid-way (reading it waits for a writer), so the kill lands mid-write.
     os.mkfifo(tmp_path / "src" / "class1" / "blocked.png")
     lines = [f"class0/img{i}.png 0" for i in range(20)] + ["class1/blocked.png 1"]
     (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
     out = tmp_path / "ds"
-    process = _start_build(tmp_path, out)
+    process = _start_build(tmp_path, out, workers)
     _wait_for_partial_database(tmp_path, out, process)
+    workers_started = _children(process.pid)
+    assert len(workers_started) >= (2 if workers == 2 else 0)
     os.kill(process.pid, how)
     process.wait(timeout=30)
     assert not out.exists(), "a killed build leaves nothing at the target path"
+    assert _all_gone(workers_started), "its worker processes die with it"
     leftovers = list(tmp_path.glob(".ds.*"))
     if how == signal.SIGTERM:
         assert process.returncode == 143 and leftovers == [], "SIGTERM unwinds and removes the temporary folder"
@@ -384,3 +410,90 @@ def test_summarize_refuses_records_that_are_not_datums(tmp_path):
     env.close()
     with pytest.raises(DatasetError, match="not a Caffe Datum"):
         lmdb_reader.summarize(tmp_path / "db")
+
+
+def _payload_task(index: int, size: int):
+    if index < 0:
+        os._exit(3)                                  # a worker dying in native code looks like this
+    return [bytes([index % 256]) * size, None], index
+
+
+def test_shared_pool_keeps_order_and_falls_back_to_the_pipe_for_big_payloads():
+    from caffetune.shared_pool import OrderedPool
+
+    pool = OrderedPool(2, window=3, slot_bytes=4096)
+    try:
+        results = list(pool.map(_payload_task, [(i, 3000 if i % 2 else 9000) for i in range(10)]))
+    finally:
+        pool.close()
+    assert [rest for _, rest in results] == list(range(10))
+    assert all(payloads[0] == bytes([i]) * (3000 if i % 2 else 9000) and payloads[1] is None
+               for i, (payloads, _) in enumerate(results))
+
+
+def test_shared_pool_reports_a_dead_worker_instead_of_hanging():
+    from caffetune.shared_pool import OrderedPool, WorkerDied
+
+    pool = OrderedPool(2)
+    try:
+        with pytest.raises(WorkerDied) as caught:
+            list(pool.map(_payload_task, [(1, 10), (-1, 10), (2, 10)]))
+        # The pool breaks as a whole: the task named is the dead one or one that was still in flight with it.
+        assert caught.value.task in ((1, 10), (-1, 10))
+    finally:
+        pool.close(kill=True)
+
+
+def test_build_lmdb_cli_from_csv_with_class_names_json_summary(tmp_path):
+    write_class_folders(tmp_path / "src", classes=2, per_class=3, size=(9, 7))
+    table = tmp_path / "data.csv"
+    table.write_text("path,label\n" + "".join(f"class{k}/img{i}.png,{'cat' if k else 'dog'}\n"
+                                              for k in range(2) for i in range(3)))
+    result = CliRunner().invoke(cli, ["build-lmdb", "--csv", str(table), "--root", str(tmp_path / "src"), "-o",
+                                      str(tmp_path / "ds"), "--resize", "8", "--encoded", "png", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["labels"] == ["cat", "dog"] and summary["shape"] == [3, 8, 8]
+    assert summary["splits"]["train"]["per_class"] == {"cat": 3, "dog": 3}
+    assert summary["options"]["image"]["encoded"] == "png" and summary["images_per_second"] > 0
+    assert lmdb_reader.summarize(tmp_path / "ds" / "train_lmdb").encoded
+    assert (tmp_path / "ds" / "labels.txt").read_text() == "cat\ndog\n"
+
+
+def test_a_list_with_the_wrong_root_fails_with_the_reason(tmp_path):
+    write_class_folders(tmp_path / "src", classes=2, per_class=9)
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"class{k}/img{i}.png {k}\n" for k in range(2) for i in range(9)))
+    with pytest.raises(DatasetError) as caught:      # 18 images: two chunks, so two worker processes
+        dataset.build(imagelist.from_list_file(listing), tmp_path / "ds", BuildOptions(workers=2))
+    assert "file not found" in caught.value.what and str(tmp_path) in caught.value.fix
+    assert not (tmp_path / "ds").exists() and not list(tmp_path.glob(".ds.*"))
+
+
+def test_cli_build_with_worker_processes_is_clean(tmp_path):
+    write_class_folders(tmp_path / "src", classes=2, per_class=20)
+    result = subprocess.run([sys.executable, "-m", "caffetune", "build-lmdb", str(tmp_path / "src"), "-o",
+                             str(tmp_path / "ds"), "--workers", "2", "--resize", "16x16"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "leaked" not in result.stderr, result.stderr
+    assert lmdb_reader.summarize(tmp_path / "ds" / "train_lmdb").count == 40
+
+
+def test_file_names_that_are_not_utf8_or_hold_line_breaks(tmp_path):
+    source = write_class_folders(tmp_path / "src", classes=2, per_class=1)
+    image = (source / "class0" / "img0.png").read_bytes()
+    os.makedirs(os.fsencode(source / "class0"), exist_ok=True)
+    with open(os.fsencode(source / "class0") + b"/caf\xe9.png", "wb") as handle:        # Latin-1 name
+        handle.write(image)
+    (source / "class1" / "two\nlines.png").write_bytes(image)
+    summary = _build(source, tmp_path / "ds", shuffle=False)
+    assert summary.images == 3
+    assert summary.skipped == [("class1/two\nlines.png", "line break in the file name: a list file cannot name it")]
+    assert b"class0/caf\xe9.png 0\n" in (tmp_path / "ds" / "train.txt").read_bytes()
+    env = lmdb.open(str(tmp_path / "ds" / "train_lmdb"), readonly=True, lock=False)
+    with env.begin() as txn:
+        keys = [bytes(key) for key, _ in txn.cursor()]
+    env.close()
+    assert b"00000000_class0/caf\xe9.png" in keys, keys
+    assert "class1/two\\nlines.png\tline break" in (tmp_path / "ds" / "skipped.tsv").read_text()

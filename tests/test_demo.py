@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from caffetune import demo, prototxt, runner
 from caffetune.cli import cli
+from caffetune.errors import DatasetError
 
 SMALL = dict(images_per_class=6, test_per_class=2, epochs=1.0, batch_size=9)
 
@@ -32,8 +33,8 @@ def test_the_demo_runs_every_step_and_evaluates_the_held_out_images(small_demo):
     assert [line.split("]")[0] for line in lines if line.startswith("[")] == [f"[{n}/6" for n in range(1, 7)]
     assert [step.name.split(":")[0] for step in report.steps] == ["model", "images", "build-lmdb", "rewrite", "run",
                                                                    "eval"]
-    assert report.train_count == 54                 # 60 training images, a tenth of each class in val_lmdb
-    assert report.run.status == "done" and report.run.iteration == 6      # one epoch of 54 images, batch 9
+    assert report.train_count == 50                 # 6 images per class, one of each class in val_lmdb
+    assert report.run.status == "done" and report.run.iteration == 6      # one epoch of 50 images, batch 9
     assert report.weights.is_file() and report.weights.suffix == ".caffemodel"
     evaluation = report.evaluation
     assert evaluation.count == 20 and evaluation.confusion.sum() == 20
@@ -82,9 +83,6 @@ def test_the_printed_commands_do_what_the_demo_did(small_demo, tmp_path):
             command = command.replace(old, new)
         argv = shlex.split(command)
         assert argv[0] == "caffetune"
-        if argv[1] == "eval":     # the run of the CLI wrote its own weights
-            argv[argv.index("--weights") + 1] = str(tmp_path / "runs" / "fashion" / "snapshots" /
-                                                    report.weights.name)
         result = CliRunner().invoke(cli, argv[1:], catch_exceptions=False)
         assert result.exit_code == 0, f"{command}\n{result.output}"
     for name in ("train_val.prototxt", "deploy.prototxt", "solver.prototxt"):
@@ -108,6 +106,18 @@ def test_long_notices_are_shortened_to_their_first_and_last_names():
     assert short.text == "copied from w.caffemodel: conv_0, conv_1, conv_2, ..., conv_99 (100 in all)"
     plain = runner.Notice("info", "x" * 500)
     assert demo.shorten(plain) is plain
+
+
+def test_fresh_deletes_only_a_folder_the_demo_wrote(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("precious")
+    with pytest.raises(DatasetError, match="not written by the demo"):
+        demo.remove_earlier_output(tmp_path / "mine")
+    assert (tmp_path / "mine" / "keep.txt").read_text() == "precious"
+    (tmp_path / "earlier").mkdir()
+    (tmp_path / "earlier" / demo.MARKER).touch()
+    demo.remove_earlier_output(tmp_path / "earlier")
+    assert not (tmp_path / "earlier").exists()
 
 
 def test_python_m_caffetune_demo_has_the_scaled_down_options():

@@ -157,8 +157,11 @@ def test_accuracy_top_k_above_the_class_count(tiny):
 def test_snapshot_and_weights_together(tiny, caffe_install, tmp_path):
     _, net, _ = tiny
     weights = _weights(caffe_install, tmp_path, "w")
-    report = _check(_net(net), weights=[weights], snapshot=tmp_path / "x.solverstate")
+    state = tmp_path / "x.solverstate"
+    state.write_bytes(b"")
+    report = _check(_net(net), weights=[weights], snapshot=state)
     assert "both a snapshot and weights are given" in _only(report)
+    assert "does not exist" in _only(_check(_net(net), snapshot=tmp_path / "missing.solverstate"))
 
 
 def test_every_problem_is_reported_at_once_and_caffe_never_starts(tiny, tmp_path):
@@ -176,3 +179,16 @@ def test_every_problem_is_reported_at_once_and_caffe_never_starts(tiny, tmp_path
     text = str(error)
     assert "missing_lmdb does not exist" in text and "backend is LEVELDB" in text and "top_k 9" in text
     assert not (tmp_path / "runs").exists()
+
+
+def test_image_data_list_whose_images_are_not_under_root_folder(tmp_path):
+    (tmp_path / "photos" / "cat").mkdir(parents=True)
+    (tmp_path / "photos" / "cat" / "1.jpg").write_bytes(b"x")
+    listing = tmp_path / "train.txt"
+    listing.write_text("cat/1.jpg 0\ncat/2.jpg 0\n")
+    net = prototxt.parse(f'layer {{ name: "data" type: "ImageData" top: "data" top: "label" image_data_param {{ '
+                         f'source: "{listing}" root_folder: "{tmp_path}/photos/" batch_size: 2 }} }}')
+    message = _only(_check(net))
+    assert "1 of the first 2 images" in message and "cat/2.jpg" in message
+    net.layer[0].image_data_param.source = str(tmp_path / "nope.txt")
+    assert "image list" in _only(_check(net)) and "does not exist" in _only(_check(net))

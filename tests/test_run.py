@@ -187,3 +187,13 @@ def test_an_existing_run_directory_is_not_overwritten(caffe_install, tmp_path):
         runner.start(runner.RunOptions(solver=solver, name="taken", runs_root=tmp_path / "runs"))
     assert "--resume" in caught.value.fix
     assert (tmp_path / "runs" / "taken" / "caffe.log").read_text() == "old"
+
+
+def test_a_caffe_failure_names_caffes_own_message(caffe_install, tmp_path):
+    net, solver = write_tiny_classifier(tmp_path / "data", max_iter=5)
+    net.write_text(net.read_text().replace("train_lmdb", "gone_lmdb"))
+    with pytest.raises(RunError) as caught:
+        runner.start(runner.RunOptions(solver=solver, name="fails", preflight=False, runs_root=tmp_path / "runs"))
+    assert caught.value.what.startswith("caffe train failed: ")
+    assert "gone_lmdb" in caught.value.what or "No such file" in caught.value.what
+    assert caught.value.where == str(tmp_path / "runs" / "fails" / "caffe.log")

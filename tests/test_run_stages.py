@@ -64,3 +64,33 @@ def test_freeze_before_keeps_the_named_layer_and_later_ones_trainable():
     frozen = stages.freeze_before("conv2")(net)
     assert [[p.lr_mult for p in layer.param] for layer in frozen.layer] == [[0.0, 0.0], [], []]
     assert len(net.layer[0].param) == 0, "the caller's net is not changed"
+
+
+def test_an_interrupted_first_stage_resumes_then_runs_the_second(caffe_install, tmp_path):
+    import os
+    import signal
+
+    net, solver = write_tiny_classifier(tmp_path / "data", max_iter=400, test_interval=100)
+    pretrained = save_random_weights(caffe_install, net, tmp_path / "pretrained.caffemodel")
+    options = runner.RunOptions(solver=solver, weights=[pretrained], name="cut", runs_root=tmp_path / "runs")
+    plan = stages.StagePlan(stage1_iter=400, stage2_iter=20)
+    sent = []
+
+    def ctrl_c_at_iteration_30(item):
+        # What a Ctrl-C in the terminal does: SIGINT to caffetune's process, which forwards it to caffe.
+        if isinstance(item, runner.Progress) and item.iteration >= 30 and not sent:
+            sent.append(item.iteration)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    results = stages.run_two_stages(options, plan, callback=ctrl_c_at_iteration_30)
+    assert [r.status for r in results] == ["interrupted"]
+    stopped_at = results[0].iteration
+    assert 30 <= stopped_at < 400
+    root = tmp_path / "runs" / "cut"
+    assert stages.is_staged(root)
+    first, second = stages.resume_stages(root)
+    assert first.status == "done" and first.iteration == 400
+    train = [r.iteration for r in metrics.read_records(first.run_dir) if r.phase == "train"]
+    assert train == list(range(401))
+    assert second.status == "done" and second.run_dir == root / "stage2"
+    assert (second.run_dir / "command.txt").read_text().strip().endswith(f"-weights={first.best}")
