@@ -136,12 +136,20 @@ def import_pycaffe(install: CaffeInstall | None = None):
     install = install or find_caffe()
     if install.pycaffe_dir is None:
         raise CaffeNotFound(f"pycaffe not found for {install.binary}", fix=_FIX)
-    os.environ.setdefault("GLOG_minloglevel", "2")
     if str(install.pycaffe_dir) not in sys.path:
         sys.path.insert(0, str(install.pycaffe_dir))
+    # glog reads its level from the environment when libcaffe loads; quiet it for this import only, so that
+    # caffe processes started later by this process still log (their log is what caffetune reads).
+    previous = os.environ.get("GLOG_minloglevel")
+    os.environ.setdefault("GLOG_minloglevel", "2")
     try:
         import caffe  # noqa: PLC0415 - imported on demand from the build's folder
     except ImportError as error:
         raise CaffeNotFound(f"pycaffe at {install.pycaffe_dir} does not import: {error}",
                             fix="run `make setup` so the venv has numpy<2, scikit-image and six") from None
+    finally:
+        if previous is None:
+            os.environ.pop("GLOG_minloglevel", None)
+        else:
+            os.environ["GLOG_minloglevel"] = previous
     return caffe

@@ -61,7 +61,8 @@ def save_random_weights(install: CaffeInstall, net_prototxt: Path, out: Path, ph
 def caffe_train(install: CaffeInstall, solver: Path, *extra: str, cwd: Path | None = None,
                 timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the real `caffe train`; returns the finished process with its log in stderr."""
-    return subprocess.run([str(install.binary), "train", f"-solver={solver}", *extra], cwd=cwd,
+    env = dict(install.env(), GLOG_minloglevel="0", GLOG_logtostderr="1")
+    return subprocess.run([str(install.binary), "train", f"-solver={solver}", *extra], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
