@@ -155,6 +155,7 @@ def _would_change(result) -> list[str]:
 @click.option("--stepsize", type=int)
 @click.option("--gamma", type=float)
 @click.option("--max-iter", type=int)
+@click.option("--test-interval", type=int, help="test every N iterations (default: once an epoch)")
 @click.option("--snapshot", type=int, help="snapshot every N iterations")
 @click.option("--snapshot-prefix")
 @click.option("--solver-mode", type=click.Choice(["CPU", "GPU"], case_sensitive=False))
@@ -165,8 +166,8 @@ def _would_change(result) -> list[str]:
 @click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
 def rewrite(net, classes, name, rename, heads, weights, new_lr_mult, freeze, freeze_through, backbone_lr_mult,
             upgrade, train_source, val_source, batch_size, val_batch_size, mean_file, mean_value, crop_size, solver,
-            epochs, train_size, val_size, base_lr, lr_policy, stepsize, gamma, max_iter, snapshot, snapshot_prefix,
-            solver_mode, output, in_place, show_diff, check, as_json) -> None:
+            epochs, train_size, val_size, base_lr, lr_policy, stepsize, gamma, max_iter, test_interval, snapshot,
+            snapshot_prefix, solver_mode, output, in_place, show_diff, check, as_json) -> None:
     """Replace the classifier head(s) of NET for CLASSES classes and set the learning-rate policy."""
     from .rewrite import Options, rewrite_files
     from .solver import SolverOptions
@@ -188,7 +189,7 @@ def rewrite(net, classes, name, rename, heads, weights, new_lr_mult, freeze, fre
                          mean_value=_floats(mean_value, "--mean-value"), crop_size=crop_size),
         solver=solver, solver_options=SolverOptions(
             base_lr=base_lr, lr_policy=lr_policy, stepsize=stepsize, gamma=gamma, max_iter=max_iter, epochs=epochs,
-            train_size=train_size, val_size=val_size, snapshot=snapshot, snapshot_prefix=snapshot_prefix,
+            test_interval=test_interval, train_size=train_size, val_size=val_size, snapshot=snapshot, snapshot_prefix=snapshot_prefix,
             solver_mode=solver_mode))
     write = not (show_diff or check)
     progress = (lambda line: err.print(line)) if not as_json else None
