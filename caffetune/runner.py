@@ -401,6 +401,8 @@ class Watch:
             self.stopped_early = True
         elif event.kind == "done":
             self.done = True
+            self.iteration = max(self.iteration, self.max_iter)   # caffe logs no line for the last iteration
+            self._report()                                          # when display does not divide max_iter
 
     def _prune(self, ranked_up_to: int) -> None:
         """With snapshots at every test pass, keep only the best, those the user's interval asked for, and any not
