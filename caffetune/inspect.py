@@ -78,12 +78,23 @@ class WeightsReport:
 
 
 # ---- shapes from pycaffe ---------------------------------------------------------------------------------------
+# Loads pycaffe's compiled module alone: `import caffe` would also import scikit-image and friends (0.4 s), none
+# of which building a net needs. Blob.shape reads a shape without allocating the blob (`.data` would allocate every
+# activation of the net).
 _PYCAFFE_SHAPES = textwrap.dedent("""
-    import json, sys, caffe
-    caffe.set_mode_cpu()
-    net = caffe.Net(sys.argv[1], getattr(caffe, sys.argv[2]))
-    outputs = {name: [list(net.blobs[top].data.shape) for top in tops] for name, tops in net.top_names.items()}
-    params = {name: [list(blob.data.shape) for blob in blobs] for name, blobs in net.params.items()}
+    import importlib.machinery, importlib.util, json, os, sys
+    package = os.path.dirname(importlib.util.find_spec("caffe").origin)
+    loader = importlib.machinery.ExtensionFileLoader("_caffe", os.path.join(package, "_caffe.so"))
+    _caffe = importlib.util.module_from_spec(importlib.util.spec_from_loader("_caffe", loader))
+    loader.exec_module(_caffe)
+    _caffe.set_mode_cpu()
+    net = _caffe.Net(sys.argv[1], {"TRAIN": 0, "TEST": 1}[sys.argv[2]])
+    blobs = dict(zip(net._blob_names, net._blobs))
+    outputs, params = {}, {}
+    for index, name in enumerate(net._layer_names):
+        outputs[name] = [list(blobs[net._blob_names[i]].shape) for i in net._top_ids(index)]
+        if len(net.layers[index].blobs):
+            params[name] = [list(blob.shape) for blob in net.layers[index].blobs]
     print("SHAPES " + json.dumps({"outputs": outputs, "params": params}))
 """)
 
@@ -137,10 +148,10 @@ def net_shapes_for(net: Message, net_path: Path | str, phase: str, use_pycaffe: 
     """(shapes, where they came from, notes): pycaffe's when it can build the net, else caffetune's inference."""
     notes = []
     inferred = shapes.infer(net, phase, Path(net_path).parent)
-    needed = activation_bytes(inferred)
+    needed = build_bytes(net, inferred)
     if use_pycaffe and needed > PYCAFFE_MAX_BYTES:
-        notes.append(f"building the net in pycaffe would allocate about {needed / 1e9:.1f} GB of blobs; shapes "
-                     f"inferred by caffetune instead")
+        notes.append(f"building the net in pycaffe would allocate about {needed / 1e9:.1f} GB (parameters and "
+                     f"prefetched batches); shapes inferred by caffetune instead")
         use_pycaffe = False
     if use_pycaffe:
         try:
@@ -153,10 +164,20 @@ def net_shapes_for(net: Message, net_path: Path | str, phase: str, use_pycaffe: 
     return inferred, "caffetune", notes + inferred.problems
 
 
-def activation_bytes(net_shapes: shapes.NetShapes) -> int:
-    """What Caffe allocates for the net's blobs (data and diff, float32), from the inferred shapes."""
-    return sum(8 * math.prod(shape) for tops in net_shapes.outputs.values() for shape in tops
-               if shapes.is_complete(shape))
+_PREFETCHING_LAYERS = frozenset({"Data", "ImageData", "WindowData"})
+_PREFETCH_BATCHES = 4        # DataParameter.prefetch's default
+
+
+def build_bytes(net: Message, net_shapes: shapes.NetShapes) -> int:
+    """What building the net allocates in Caffe (float32): its parameters, and the batches its data layers
+    prefetch. Activations are allocated only on first use, which reading shapes never does."""
+    def size(shape_list) -> int:
+        return sum(4 * math.prod(shape) for shape in shape_list if shapes.is_complete(shape))
+
+    params = sum(size(blobs or []) for blobs in net_shapes.params.values())
+    prefetched = sum(_PREFETCH_BATCHES * size(net_shapes.outputs.get(layer.name, []))
+                     for layer in L.all_layers(net) if L.type_name(layer) in _PREFETCHING_LAYERS)
+    return params + prefetched
 
 
 # ---- the net report --------------------------------------------------------------------------------------------

@@ -149,10 +149,11 @@ def test_missing_lmdb_falls_back_to_inference_with_caffes_reason(caffe_install, 
     assert {row.name: row.outputs for row in report.layers}["fc1"] == [(2, 16)]
 
 
-def test_big_nets_are_not_built_in_pycaffe_for_their_shapes(caffe_install, caffe_source):
+def test_big_nets_are_not_built_in_pycaffe_for_their_shapes(caffe_install, caffe_source, monkeypatch):
+    monkeypatch.setattr(report_lib, "PYCAFFE_MAX_BYTES", 100_000_000)   # CaffeNet's parameters alone are 244 MB
     report = report_lib.inspect_net(caffe_source / "models/bvlc_reference_caffenet/train_val.prototxt")
     assert report.shape_source == "caffetune"
-    assert any("GB of blobs" in note for note in report.notes)
+    assert any("GB (parameters and prefetched batches)" in note for note in report.notes)
     rows = {row.name: row for row in report.layers}
     assert rows["data"].outputs[0] == (256, None, 227, 227)  # channels need the LMDB
     assert rows["fc6"].params == [(4096, 9216), (4096,)]
