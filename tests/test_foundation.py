@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 
 import pytest
 from click.testing import CliRunner
@@ -12,7 +11,7 @@ from click.testing import CliRunner
 from caffetune import prototxt, schema
 from caffetune.cli import cli
 from caffetune.errors import PrototxtError
-from helpers import caffe_train, run_pycaffe, write_tiny_lmdb
+from helpers import caffe_train, run_pycaffe, write_tiny_classifier
 
 
 def test_pinned_schema_parses_a_net():
@@ -88,29 +87,8 @@ def test_write_atomic_leaves_no_temporary_files(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["net.prototxt"]
 
 
-TINY_NET = """
-name: "tiny"
-layer { name: "data" type: "Data" top: "data" top: "label" include { phase: TRAIN }
-  data_param { source: "{db}" backend: LMDB batch_size: 8 } transform_param { scale: 0.00390625 } }
-layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
-  convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "xavier" } } }
-layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
-layer { name: "fc" type: "InnerProduct" bottom: "conv1" top: "fc"
-  inner_product_param { num_output: 4 weight_filler { type: "xavier" } } }
-layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }
-"""
-
-
 def test_real_caffe_trains_a_tiny_net_on_a_tiny_lmdb(caffe_install, tmp_path):
-    db = write_tiny_lmdb(tmp_path / "train_lmdb")
-    net = tmp_path / "net.prototxt"
-    net.write_text(TINY_NET.replace("{db}", str(db)))
-    solver = tmp_path / "solver.prototxt"
-    solver.write_text(textwrap.dedent(f"""
-        net: "{net}"
-        base_lr: 0.01 lr_policy: "fixed" display: 1 max_iter: 5
-        snapshot_prefix: "{tmp_path}/snap" solver_mode: CPU
-    """))
+    _, solver = write_tiny_classifier(tmp_path, max_iter=5)
     result = caffe_train(caffe_install, solver)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Optimization Done." in result.stderr
