@@ -235,7 +235,7 @@ def format_report(report: DemoReport) -> str:
     """The demo's closing report: accuracy, per-class accuracy, confusion matrix, curves, paths, commands."""
     from . import evaluate
 
-    options, evaluation = report.options, report.evaluation
+    evaluation = report.evaluation
     lines = [f"caffetune demo: {report.model.model.about}, fine-tuned on Fashion-MNIST",
              f"top-1 accuracy on {evaluation.count} held-out test images: {evaluation.top1:.4f} "
              f"({'reaches' if evaluation.top1 >= TARGET_TOP1 else 'below'} the {TARGET_TOP1:.0%} target)",

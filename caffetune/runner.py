@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shlex
 import shutil
@@ -296,9 +295,8 @@ def _snapshot_pair(run_dir: Path, iteration: int) -> list[Path]:
 
 
 def _copy_atomic(source: Path, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+    with open(source, "rb") as reader, prototxt.atomic_output(target) as writer:
+        shutil.copyfileobj(reader, writer, 1 << 20)
 
 
 # --- watching caffe -----------------------------------------------------------------------------------------------

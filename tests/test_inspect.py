@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from caffetune import inspect as report_lib
-from caffetune import prototxt, schema, shapes, weights
+from caffetune import prototxt, schema, shapes
 from caffetune.cli import cli
 
 GOLDEN = Path(__file__).parent / "data" / "inspect"
