@@ -417,9 +417,13 @@ def _print_run_result(result) -> None:
 @click.option("--stage2-lr-factor", type=float, default=0.1, show_default=True,
               help="--stages: stage two's base_lr is the solver's times this")
 @click.option("--head", "heads", multiple=True, help="--stages: the head layer(s) (default: found automatically)")
+@click.option("--fit-head", is_flag=True,
+              help="before training, fit the new head(s) on the pretrained features of the training set (see "
+                   "`caffetune fit-head`) and start from them")
 @click.pass_obj
 def run(obj: Context, solver, weights, snapshot, name, runs_dir, gpu, strict_gpu, resume_dir, max_iter, early_stop,
-        no_best, no_preflight, stages, unfreeze_from, stage1_iter, stage2_iter, stage2_lr_factor, heads) -> None:
+        no_best, no_preflight, stages, unfreeze_from, stage1_iter, stage2_iter, stage2_lr_factor, heads,
+        fit_head) -> None:
     """Check, then train with the real `caffe train` in runs/NAME/, with live progress, metrics and plots."""
     from pathlib import Path
 
@@ -442,7 +446,8 @@ def run(obj: Context, solver, weights, snapshot, name, runs_dir, gpu, strict_gpu
     options = runner.RunOptions(solver=Path(solver), weights=[Path(w) for w in weights],
                                 snapshot=Path(snapshot) if snapshot else None, name=name, runs_root=Path(runs_dir),
                                 gpu=gpu, strict_gpu=strict_gpu, caffe=obj.caffe, keep_best=not no_best,
-                                early_stop=early_stop, max_iter=max_iter, preflight=not no_preflight)
+                                early_stop=early_stop, max_iter=max_iter, preflight=not no_preflight,
+                                fit_head=fit_head)
     with RunView() as view:
         if stages:
             from . import stages as two_stage
@@ -617,6 +622,41 @@ def graft_command(source: str, net_path: str, output: str, renames: tuple[str, .
     if report.filled:
         out.print(f"initialised by fillers: {', '.join(report.filled)}")
     out.print(f"wrote {output} ({report.bytes_written:,} bytes)")
+
+
+@cli.command("fit-head")
+@click.argument("net", type=click.Path(exists=True, dir_okay=False))
+@click.option("--weights", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="the pretrained .caffemodel (the net's other layers' weights)")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="the .caffemodel to write: the pretrained weights plus the fitted head(s)")
+@click.option("--head", "heads", multiple=True,
+              help="the InnerProduct head(s) to fit (default: the classifier heads WEIGHTS has no blobs for)")
+@click.option("--l2", type=float, default=1e-3, show_default=True, help="L2 penalty on the head's weights")
+@click.option("--max-images", type=int, help="fit on the first N training images only")
+@click.option("--force", is_flag=True, help="overwrite OUTPUT if it exists")
+@click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object")
+@click.pass_obj
+def fit_head_command(obj: Context, net: str, weights: str, output: str, heads: tuple[str, ...], l2: float,
+                     max_images: int | None, force: bool, as_json: bool) -> None:
+    """Fit the net's new head(s) on the pretrained features of its training set, to fine-tune from."""
+    from pathlib import Path
+
+    from . import headfit
+
+    if Path(output).exists() and not force:
+        raise CaffetuneError("the output exists", where=output, fix="pass --force to overwrite it, or choose -o")
+    options = headfit.FitOptions(heads=list(heads), l2=l2, max_images=max_images)
+    report = headfit.fit_heads(net, weights, output, options, caffe=obj.caffe)
+    if as_json:
+        print_json(report.as_dict())
+        return
+    out.print(f"features: {report.forward_batches} forward passes of batch {report.batch_size} over the training set")
+    for fit in report.fits:
+        out.print(f"fitted {fit.name}: {fit.images} images x {fit.features} features -> {fit.classes} classes, "
+                  f"training accuracy {fit.accuracy:.1%}, loss {fit.loss:.4f} ({fit.steps} L-BFGS steps)")
+    out.print(f"wrote {output} ({report.graft.bytes_written:,} bytes); fine-tune from it: "
+              f"caffetune run --solver SOLVER --weights {output}")
 
 
 # --- demo (issue 6) ----------------------------------------------------------------------------------------------

@@ -378,11 +378,12 @@ class Report:
     filled: list[str]                  # "layer[blob]" initialised by caffetune's fillers
     left_to_caffe: list[str]           # layers left out: Caffe fills them when it builds the net
     bytes_written: int = 0
+    fitted: list[str] = field(default_factory=list)    # layers whose blobs the caller computed (headfit)
 
     def as_dict(self) -> dict:
         return self.plan.as_dict() | {"output": self.output, "written_layers": self.written_layers,
                                       "filled": self.filled, "left_to_caffe": self.left_to_caffe,
-                                      "bytes_written": self.bytes_written}
+                                      "fitted": self.fitted, "bytes_written": self.bytes_written}
 
 
 def _layer_header(layer: Message) -> bytes:
@@ -439,10 +440,24 @@ def _write_layer(handle, header: bytes, pieces, model: weights.Caffemodel) -> in
     return len(opening) + total
 
 
+def _fitted_pieces(lp: LayerPlan, arrays: list[np.ndarray]) -> list:
+    """The caller's blobs for a layer, checked against the net's shapes."""
+    targets = [bp.target for bp in lp.blobs]
+    if len(arrays) != len(targets) or any(t is not None and None not in t and tuple(a.shape) != tuple(t)
+                                          for a, t in zip(arrays, targets)):
+        raise NetError(f"layer {lp.name}: the given blobs {[tuple(a.shape) for a in arrays]} do not fit the net's "
+                       f"{[_fmt(t) for t in targets]}", where=lp.name, fix="compute them for this net")
+    return [("array", np.ascontiguousarray(a, dtype="<f4")) for a in arrays]
+
+
 def graft(source: Path | str, net_path: Path | str, output: Path | str, *, mapping: dict[str, str] | None = None,
           keep: list[tuple[int, int]] | None = None, fill_new: bool = False, seed: int = 0,
+          fitted: dict[str, list[np.ndarray]] | None = None,
           progress: Callable[[str], None] | None = None) -> Report:
-    """Write `output`, a caffemodel for the net at `net_path` with the matching blobs of `source` copied."""
+    """Write `output`, a caffemodel for the net at `net_path` with the matching blobs of `source` copied.
+
+    `fitted` gives a layer's blobs outright (a head fitted by `headfit`); they replace whatever the source has."""
+    fitted = fitted or {}
     progress = progress or (lambda message: None)
     net = prototxt.load(net_path)
     L.check_not_mixed(net, str(net_path))
@@ -457,6 +472,10 @@ def graft(source: Path | str, net_path: Path | str, output: Path | str, *, mappi
         if keep and the_plan.problems:
             raise NetError(the_plan.problems[0], where=str(net_path), fix="pass --map OLD_HEAD=NEW_HEAD")
         _check_mapping(mapping or {}, records, net)
+        unknown = sorted(set(fitted) - {lp.name for lp in the_plan.layers})
+        if unknown:
+            raise NetError(f"no learnable layer {unknown[0]} in the net to write fitted blobs to", where=unknown[0],
+                           fix="name a layer of the net")
         if not fill_new and not any(lp.written for lp in the_plan.layers):
             raise NetError("no blob of the source fits the net: nothing to graft", where=str(source),
                            fix="check that SRC is the model the net was derived from; --map OLD=NEW pairs renamed "
@@ -469,6 +488,12 @@ def graft(source: Path | str, net_path: Path | str, output: Path | str, *, mappi
             report.bytes_written += len(name)
             for lp in the_plan.layers:
                 layer = layers_by_name[lp.name]
+                if lp.name in fitted:
+                    pieces = _fitted_pieces(lp, fitted[lp.name])
+                    report.bytes_written += _write_layer(handle, _layer_header(layer), pieces, model)
+                    report.written_layers.append(lp.name)
+                    report.fitted.append(lp.name)
+                    continue
                 pieces = _resolve_blobs(layer, lp, model, keep, rng, fill_new)
                 if not pieces and lp.blobs:
                     report.left_to_caffe.append(lp.name)

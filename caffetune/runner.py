@@ -29,7 +29,7 @@ from typing import Callable
 
 from google.protobuf.message import Message
 
-from . import __version__, caffe_bin, layers, plots, preflight, prototxt
+from . import __version__, caffe_bin, headfit, layers, plots, preflight, prototxt
 from .caffe_bin import CaffeInstall
 from .errors import RunError, RunInterrupted
 from .logparse import Event, LogParser, Record, main_accuracy
@@ -39,6 +39,8 @@ from .metrics import MetricsWriter
 SATURATED_LOSS = 87.3365
 PATH_FIELDS = ("source", "mean_file", "root_folder")
 SNAPSHOT_DIR = "snapshots"
+FITTED_WEIGHTS = "fitted-head.caffemodel"   # --fit-head: the pretrained weights with the fitted head(s)
+FIT_REPORT = "fit-head.json"                 # --fit-head: what was fitted, on how many images
 PLOT_EVERY_S = 60.0   # plot.png is redrawn at a test pass at most this often while caffe runs
 _ITER_FILE = re.compile(r"_iter_(\d+)\.(caffemodel|solverstate)(\.h5)?$")
 
@@ -99,6 +101,7 @@ class RunOptions:
     max_iter: int | None = None           # override the solver's max_iter
     lr_factor: float = 1.0                # multiply the solver's base_lr
     preflight: bool = True
+    fit_head: bool = False                # fit the new head(s) on the weights' features first (headfit)
     # Edits of the copied nets and solver (two-stage fine-tuning freezes layers this way).
     transform_net: Callable[[Message], Message] | None = field(default=None, repr=False)
 
@@ -519,13 +522,33 @@ def start(options: RunOptions, callback: Callback = _quiet, base: Path | None = 
     solver = finalize_solver(prepared, options, run_dir.resolve(), mode)
     options = replace(options, images_per_loss=images_per_loss(prepared.nets.values(), solver))
     write_run_dir(run_dir, prepared, solver)
+    weights = fit_new_heads(run_dir.resolve(), prepared, options, callback) if options.fit_head else prepared.weights
     command = [str(install.binary), "train", f"-solver={run_dir.resolve() / 'solver.prototxt'}"]
     if prepared.snapshot:
         command.append(f"-snapshot={prepared.snapshot}")
-    if prepared.weights:
-        command.append(f"-weights={','.join(str(w) for w in prepared.weights)}")
+    if weights:
+        command.append(f"-weights={','.join(str(w) for w in weights)}")
     return _launch(command + flags, run_dir.resolve(), install, options, solver, prepared.solver.snapshot,
                    callback, resume_from=None, notices=notices)
+
+
+def fit_new_heads(run_dir: Path, prepared: Prepared, options: RunOptions, callback: Callback) -> list[Path]:
+    """--fit-head: fit the train net's new head(s) on the pretrained features; train from FITTED_WEIGHTS."""
+    if len(prepared.weights) != 1 or prepared.snapshot:
+        raise RunError("--fit-head needs exactly one pretrained .caffemodel (--weights) and no --snapshot",
+                       fix="pass one --weights file, or leave out --fit-head")
+    names = prepared.solver_fields.get("train_net") or prepared.solver_fields.get("net")
+    if not names:
+        raise RunError("--fit-head needs the solver's train net in a file (net: or train_net:)",
+                       fix="write the net to a .prototxt and name it in the solver's net: field")
+    train_net = run_dir / names[0]
+    callback(Notice("info", f"fitting the new head(s) on {prepared.weights[0].name}'s features of the training set"))
+    report = headfit.fit_heads(train_net, prepared.weights[0], run_dir / FITTED_WEIGHTS, caffe=options.caffe)
+    prototxt.write_atomic(run_dir / FIT_REPORT, json.dumps(report.as_dict(), indent=2, sort_keys=True) + "\n")
+    for fit in report.fits:
+        callback(Notice("info", f"fitted {fit.name}: {fit.images} images x {fit.features} features, training "
+                                f"accuracy {fit.accuracy:.1%}, loss {fit.loss:.4f}"))
+    return [run_dir / FITTED_WEIGHTS]
 
 
 def resume(run_dir: Path | str, callback: Callback = _quiet, options: RunOptions | None = None) -> RunResult:

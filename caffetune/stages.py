@@ -119,6 +119,7 @@ def _second_stage(root: Path, options: runner.RunOptions, plan: StagePlan, first
     callback(runner.Notice("info", f"stage 2: unfreeze from {plan.unfreeze_from or 'the first layer'}, base_lr x "
                                    f"{plan.lr_factor:g}, from {weights}"))
     second = runner.start(replace(options, name=f"{root.name}/stage2", runs_root=root.parent, weights=[weights],
+                                  fit_head=False,
                                   transform_net=freeze_before(plan.unfreeze_from), lr_factor=plan.lr_factor,
                                   max_iter=plan.stage2_iter or options.max_iter), callback, base)
     _write_overall_best(root, [first, second])
