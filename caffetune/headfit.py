@@ -100,10 +100,13 @@ def probe_net(net: Message) -> Message:
     reader = copy(train)
     _as_test_reader(reader)
     field_name = layers.layer_field(result)
-    kept = [copy(layer) for layer in getattr(result, field_name)
-            if not (layers.type_name(layer) in FEATURE_DATA_TYPES and "TEST" in layers.phases(layer))]
-    position = next(i for i, layer in enumerate(kept) if layer == train)
-    kept.insert(position + 1, reader)
+    kept = []
+    for layer in getattr(result, field_name):
+        runs_in_test = "TEST" in layers.phases(layer)
+        if layer == train:
+            kept += [copy(layer), reader] if not runs_in_test else [reader]
+        elif not (layers.type_name(layer) in FEATURE_DATA_TYPES and runs_in_test):
+            kept.append(copy(layer))
     result.ClearField(field_name)
     getattr(result, field_name).extend(kept)
     return result

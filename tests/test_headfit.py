@@ -109,6 +109,13 @@ def test_probe_net_reads_the_training_source_in_the_test_phase_without_randomnes
     assert [layer.name for layer in probe.layer] == ["data", "data", "fc", "loss"]
 
 
+def test_probe_net_of_a_data_layer_for_both_phases():
+    both = NET.replace(' include { phase: TRAIN }\n', '\n', 1)
+    probe = headfit.probe_net(prototxt.parse(both, "NetParameter"))
+    assert [layer.name for layer in probe.layer] == ["data", "fc", "loss"]
+    assert layers.phases(probe.layer[0]) == {"TEST"} and probe.layer[0].data_param.source == "train_lmdb"
+
+
 def test_probe_net_needs_one_training_data_layer():
     net = prototxt.parse(NET.replace("include { phase: TRAIN }", "include { phase: TEST }"), "NetParameter")
     with pytest.raises(NetError, match="one TRAIN-phase Data or ImageData layer; the net has 0"):
