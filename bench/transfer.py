@@ -57,7 +57,6 @@ FREEZE = os.environ.get("TRANSFER_FREEZE") or None                 # "backbone":
 BACKBONE_LR_MULT = float(os.environ["TRANSFER_BACKBONE_LR_MULT"]) if os.environ.get("TRANSFER_BACKBONE_LR_MULT") \
     else None
 CURVE_AT = (0, 1, 2, 5, 10, 20, 50)
-TRAIN_BATCH = 64
 HEAD = "ip2"
 
 NET = """name: "fashion_lenet"
@@ -259,7 +258,7 @@ def main() -> int:
         tuned_solver = rewrite_for_target(root, target_data, source_weights, "target-finetune", FREEZE,
                                           BACKBONE_LR_MULT) if staged else solver
         arms: dict[str, list] = {"scratch": [], "finetune": [], "fit-head": []}
-        feature_batches = 0
+        fit_report: dict = {}
         for seed in SEEDS:
             fresh = train_target(root, with_seed(solver, seed), [], f"scratch-seed{seed}")
             tuned = train_target(root, with_seed(tuned_solver, seed), [source_weights], f"finetune-seed{seed}")
@@ -267,7 +266,7 @@ def main() -> int:
                                   fit_head=True)
             check_copied(tuned, {HEAD}, "fine-tuned")
             check_copied(fitted, set(), "fit-head")
-            feature_batches = json.loads((fitted.run_dir / runner.FIT_REPORT).read_text())["forward_batches"]
+            fit_report = json.loads((fitted.run_dir / runner.FIT_REPORT).read_text())
             for name, run in (("scratch", fresh), ("finetune", tuned), ("fit-head", fitted)):
                 arms[name].append(run.records)
             say(f"seed {seed}: iterations to {TARGET:.0%}: from scratch {iterations_to(fresh.records, TARGET)}, "
@@ -277,16 +276,17 @@ def main() -> int:
             for label, run in (("from scratch", fresh), ("fine-tuned", tuned), ("fit-head", fitted)):
                 say(f"  {label:>12} val accuracy after {curve_summary(run.records)}")
         forward_ms, both_ms = caffe_time(solver.parent / "train_val.prototxt")
+        feature_batches, train_batch = fit_report["forward_batches"], fit_report["batch_size"]
         feature_cost = feature_batches * forward_ms / both_ms
         policy = (f"new head lr_mult {NEW_LR_MULT[0]:g}/{NEW_LR_MULT[1]:g}, the rest 1" if not staged else
                   f"new head lr_mult {NEW_LR_MULT[0]:g}/{NEW_LR_MULT[1]:g}; fine-tuned backbone "
                   f"{'frozen' if FREEZE else f'lr_mult {BACKBONE_LR_MULT:g}'}, scratch backbone 1")
         say(f"\nclasses 5-9, {TARGET_TRAIN} train images/class, the same net and solver (base_lr {BASE_LR:g}, "
-            f"{policy}, batch {TRAIN_BATCH}, {TARGET_ITER} iterations, the same {TARGET_VAL * 5} val images scored "
+            f"{policy}, batch {train_batch}, {TARGET_ITER} iterations, the same {TARGET_VAL * 5} val images scored "
             f"before training and after every iteration); median of {len(SEEDS)} seed(s). Iterations to reach each "
             f"target: from scratch, fine-tuned (caffetune run --weights SOURCE), and fine-tuned from the fitted head "
             f"(caffetune run --weights SOURCE --fit-head), whose feature pass over the {TARGET_TRAIN * 5} training "
-            f"images ({feature_batches} forward batches of {TRAIN_BATCH}) costs {feature_cost:.2f} iterations of "
+            f"images ({feature_batches} forward batches of {train_batch}) costs {feature_cost:.2f} iterations of "
             f"compute (caffe time: forward {forward_ms:.2f} ms, forward-backward {both_ms:.2f} ms per batch) and is "
             f"added in +features:")
         ratio = print_table(arms, {"fit-head": feature_cost})

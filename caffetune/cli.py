@@ -591,13 +591,10 @@ def draw(net: str, output: str, phase: str, rankdir: str) -> None:
 def graft_command(source: str, net_path: str, output: str, renames: tuple[str, ...], keep_classes: str | None,
                   labels: tuple[str, str] | None, fill_new: bool, seed: int, force: bool, as_json: bool) -> None:
     """Write a caffemodel for a new net: copy every blob whose layer name and shape match, report the rest."""
-    from pathlib import Path
-
     from . import graft as graft_lib
     from .inspect import name_list
 
-    if Path(output).exists() and not force:
-        raise CaffetuneError("the output exists", where=output, fix="pass --force to overwrite it, or choose -o")
+    refuse_overwrite(output, force)
     if keep_classes and labels:
         raise click.UsageError("give either --keep-classes or --labels, not both")
     keep = graft_lib.parse_keep_classes(keep_classes) if keep_classes else (
@@ -640,12 +637,9 @@ def graft_command(source: str, net_path: str, output: str, renames: tuple[str, .
 def fit_head_command(obj: Context, net: str, weights: str, output: str, heads: tuple[str, ...], l2: float,
                      max_images: int | None, force: bool, as_json: bool) -> None:
     """Fit the net's new head(s) on the pretrained features of its training set, to fine-tune from."""
-    from pathlib import Path
-
     from . import headfit
 
-    if Path(output).exists() and not force:
-        raise CaffetuneError("the output exists", where=output, fix="pass --force to overwrite it, or choose -o")
+    refuse_overwrite(output, force)
     options = headfit.FitOptions(heads=list(heads), l2=l2, max_images=max_images)
     report = headfit.fit_heads(net, weights, output, options, caffe=obj.caffe)
     if as_json:
@@ -657,6 +651,13 @@ def fit_head_command(obj: Context, net: str, weights: str, output: str, heads: t
                   f"training accuracy {fit.accuracy:.1%}, loss {fit.loss:.4f} ({fit.steps} L-BFGS steps)")
     out.print(f"wrote {output} ({report.graft.bytes_written:,} bytes); fine-tune from it: "
               f"caffetune run --solver SOLVER --weights {output}")
+
+
+def refuse_overwrite(output: str, force: bool) -> None:
+    from pathlib import Path
+
+    if Path(output).exists() and not force:
+        raise CaffetuneError("the output exists", where=output, fix="pass --force to overwrite it, or choose -o")
 
 
 # --- demo (issue 6) ----------------------------------------------------------------------------------------------

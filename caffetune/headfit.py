@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 from google.protobuf.message import Message
 
-from . import caffe_bin, graft, heads, layers, lmdb_reader, prototxt, weights
+from . import caffe_bin, graft, heads, layers, preflight, prototxt, solver, weights
 from .errors import DatasetError, NetError
 from .transforms import copy
 
@@ -112,21 +112,17 @@ def probe_net(net: Message) -> Message:
     return result
 
 
-def training_set_size(layer: Message, base: Path) -> int:
+def training_set_size(layer: Message) -> int:
     """How many images the data layer's source holds (LMDB entries, or lines of an ImageData list)."""
-    if layers.type_name(layer) == "ImageData":
-        source = base / layer.image_data_param.source
-        try:
-            return sum(1 for line in source.read_text().splitlines() if line.strip())
-        except FileNotFoundError:
-            raise DatasetError("the image list does not exist", where=str(source),
-                               fix="build it with `caffetune build-lmdb`, or fix image_data_param.source") from None
-    if layer.data_param.backend != layer.data_param.LMDB:
+    if layers.type_name(layer) == "Data" and layer.data_param.backend != layer.data_param.LMDB:
         raise DatasetError("fitting a head reads LMDB sources only; this one is LevelDB", where=layer.name,
                            fix="rebuild the data as LMDB with `caffetune build-lmdb`")
-    source = base / layer.data_param.source
-    with lmdb_reader.open_readonly(source) as env:
-        return env.stat()["entries"]
+    source = layer.image_data_param.source if layers.type_name(layer) == "ImageData" else layer.data_param.source
+    size = solver.dataset_size(source)
+    if size is None:
+        raise DatasetError("the training data does not exist", where=source,
+                           fix="build it with `caffetune build-lmdb`, or fix the TRAIN data layer's source")
+    return size
 
 
 def batch_size(layer: Message) -> int:
@@ -256,8 +252,11 @@ def head_blobs(layer: Message, coefficients: np.ndarray, offsets: np.ndarray | N
 
 # --- the whole job ------------------------------------------------------------------------------------------------
 def fit_heads(net_path: Path | str, source: Path | str, output: Path | str, options: FitOptions | None = None, *,
-              caffe: str | None = None, progress: Callable[[str], None] | None = None) -> FitReport:
-    """Fit the net's new head(s) on the source weights' features of the training set; write `output`."""
+              caffe: str | None = None, check: bool = True,
+              progress: Callable[[str], None] | None = None) -> FitReport:
+    """Fit the net's new head(s) on the source weights' features of the training set; write `output`.
+    `check`: run preflight first (data, weight shapes, pycaffe builds the net in a subprocess), so that a net
+    Caffe cannot build is one clear error rather than an abort inside this process."""
     options = options or FitOptions()
     progress = progress or (lambda message: None)
     net_path, source, output = Path(net_path), Path(source), Path(output)
@@ -270,13 +269,17 @@ def fit_heads(net_path: Path | str, source: Path | str, output: Path | str, opti
     chosen = new_heads(net, source_layers, options.heads)
     by_name = {layer.name: layer for layer in layers.all_layers(net)}
     data_layer = train_data_layer(net)
-    available = training_set_size(data_layer, Path.cwd())
+    install = caffe_bin.find_caffe(caffe)
+    if check:
+        preflight.check({net_path.name: net}, weights=[source], install=install,
+                        roles={net_path.name: "net"}).raise_for_problems()
+    available = training_set_size(data_layer)
     images = min(available, options.max_images) if options.max_images else available
     if images == 0:
         raise DatasetError("the training set is empty", where=data_layer.name, fix="build it with images in it")
     batch = batch_size(data_layer) or 1
     features, labels, passes = _features(probe_net(net), source, [by_name[h.name] for h in chosen],
-                                         data_layer.top[1], images, batch, caffe, progress)
+                                         data_layer.top[1], images, batch, install, progress)
     fits, blobs = [], {}
     for head in chosen:
         layer = by_name[head.name]
@@ -293,8 +296,8 @@ def fit_heads(net_path: Path | str, source: Path | str, output: Path | str, opti
 
 
 def _features(probe: Message, source: Path, head_layers: list[Message], label_blob: str, images: int, batch: int,
-              caffe: str | None, progress) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
-    pycaffe = caffe_bin.import_pycaffe(caffe_bin.find_caffe(caffe))
+              install: caffe_bin.CaffeInstall, progress) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
+    pycaffe = caffe_bin.import_pycaffe(install)
     pycaffe.set_mode_cpu()
     with tempfile.TemporaryDirectory(prefix="caffetune-fit-") as folder:
         path = Path(folder) / "probe.prototxt"

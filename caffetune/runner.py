@@ -543,7 +543,8 @@ def fit_new_heads(run_dir: Path, prepared: Prepared, options: RunOptions, callba
                        fix="write the net to a .prototxt and name it in the solver's net: field")
     train_net = run_dir / names[0]
     callback(Notice("info", f"fitting the new head(s) on {prepared.weights[0].name}'s features of the training set"))
-    report = headfit.fit_heads(train_net, prepared.weights[0], run_dir / FITTED_WEIGHTS, caffe=options.caffe)
+    report = headfit.fit_heads(train_net, prepared.weights[0], run_dir / FITTED_WEIGHTS, caffe=options.caffe,
+                               check=False)   # preflight has checked these nets already (or was turned off)
     prototxt.write_atomic(run_dir / FIT_REPORT, json.dumps(report.as_dict(), indent=2, sort_keys=True) + "\n")
     for fit in report.fits:
         callback(Notice("info", f"fitted {fit.name}: {fit.images} images x {fit.features} features, training "

@@ -204,3 +204,9 @@ def test_fit_head_cli_refuses_what_it_cannot_fit(caffe_install, pretrained, tmp_
     assert "fitted fc_new: 16 images x 144 features -> 4 classes" in done.output
     again = runner.invoke(cli, ["fit-head", str(net), "--weights", str(weights), "-o", str(out)])
     assert again.exit_code == 1 and "the output exists" in str(again.exception)
+    # A net the weights do not fit: preflight names it, before pycaffe could abort this process.
+    wider = net.with_name("wider.prototxt")
+    wider.write_text(net.read_text().replace("num_output: 4 kernel_size: 3", "num_output: 5 kernel_size: 3"))
+    mismatch = runner.invoke(cli, ["fit-head", str(wider), "--weights", str(weights), "-o", str(tmp_path / "w.model")])
+    assert mismatch.exit_code == 1 and "conv1" in str(mismatch.exception)
+    assert not (tmp_path / "w.model").exists()
