@@ -46,7 +46,7 @@ test: setup
 	$(PY) -m pytest -q
 
 demo: setup
-	$(PY) -m caffetune.demo
+	$(VENV)/bin/caffetune demo
 
 bench: setup
 	@for script in bench/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done

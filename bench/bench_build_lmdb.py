@@ -22,7 +22,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from caffetune import caffe_bin, lmdb_reader, mean  # noqa: E402
+from caffetune.model import caffe_tools  # noqa: E402
+from caffetune.data import lmdb_reader  # noqa: E402
+from caffetune.data import mean  # noqa: E402
 
 
 def generate(root: Path, count: int, classes: int = 10, size=(500, 375)) -> Path:
@@ -86,7 +88,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.boost:
         boost()
-    install = caffe_bin.find_caffe()
+    install = caffe_tools.find_caffe()
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench_build_lmdb."))
     try:
         if work.exists() and args.keep:

@@ -13,7 +13,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from caffetune import caffe_bin
+from caffetune.model import caffe_tools
 
 BENCH_DIR = Path(os.environ.get("CAFFETUNE_BENCH_DIR", "/tmp/caffetune-bench"))
 REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
@@ -93,7 +93,7 @@ def measure(command: list[str], env: dict, before=lambda: None) -> dict:
 
 
 def main() -> None:
-    install = caffe_bin.find_caffe()
+    install = caffe_tools.find_caffe()
     deploy, new_net, model = prepare(install)
     size = model.stat().st_size
     env = install.env() | {"GLOG_minloglevel": "2"}

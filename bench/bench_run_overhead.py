@@ -22,7 +22,11 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
-from caffetune import caffe_bin, preflight, prototxt, runner, schema
+from caffetune.model import caffe_tools
+from caffetune.train import preflight
+from caffetune.model import prototxt
+from caffetune.train import runner
+from caffetune.model import schema
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 MAX_ITER = int(os.environ.get("BENCH_ITERS", "500"))
@@ -97,7 +101,7 @@ def time_wrapped(solver: Path, runs: Path, name: str) -> tuple[float, float]:
 
 
 def main() -> None:
-    install = caffe_bin.find_caffe()
+    install = caffe_tools.find_caffe()
     with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
         folder = Path(tmp)
         db = write_lmdb(folder / "lmdb")

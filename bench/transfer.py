@@ -38,10 +38,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from caffetune import caffe_bin, dataset, fashion_mnist, imagelist, prototxt, rewrite, runner
-from caffetune.datum import ImageOptions
-from caffetune.solver import SolverOptions
-from caffetune.transforms import DataOptions
+from caffetune import files
+from caffetune.model import caffe_tools
+from caffetune.data import dataset
+from caffetune.demo import fashion_mnist
+from caffetune.data import imagelist
+from caffetune.model import prototxt
+from caffetune.surgery import rewrite
+from caffetune.train import runner
+from caffetune.data.datum import ImageOptions
+from caffetune.surgery.solver import SolverOptions
+from caffetune.surgery.net_edits import DataOptions
 
 TARGET = float(os.environ.get("TRANSFER_TARGET", "0.90"))
 SEEDS = [int(s) for s in range(int(os.environ.get("TRANSFER_SEEDS", "5")))]
@@ -112,8 +119,8 @@ def train_source_net(root: Path, data: Path) -> Path:
     """Step 1: the small CNN on classes 0-4, from random init; returns its final weights."""
     model = root / "source"
     net = NET.replace('"train_lmdb"', f'"{data / "train_lmdb"}"').replace('"val_lmdb"', f'"{data / "val_lmdb"}"')
-    prototxt.write_atomic(model / "train_val.prototxt", net)
-    prototxt.write_atomic(model / "solver.prototxt", SOLVER.replace('"train_val.prototxt"',
+    files.write_atomic(model / "train_val.prototxt", net)
+    files.write_atomic(model / "solver.prototxt", SOLVER.replace('"train_val.prototxt"',
                                                                      f'"{model / "train_val.prototxt"}"'))
     result = runner.start(runner.RunOptions(solver=model / "solver.prototxt", name="source", runs_root=root / "runs",
                                             max_iter=SOURCE_ITER, keep_best=False))
@@ -142,7 +149,7 @@ def with_seed(solver: Path, seed: int) -> Path:
     message.random_seed = seed
     message.test_initialization = True      # score before the first iteration too (a fitted head is ready then)
     path = solver.with_name(f"solver_seed{seed}.prototxt")
-    prototxt.write_atomic(path, prototxt.format(message))
+    files.write_atomic(path, prototxt.format(message))
     return path
 
 
@@ -195,8 +202,8 @@ def median_or_none(values: list[int | None]) -> float | None:
 
 def caffe_time(net: Path) -> tuple[float, float]:
     """(forward ms, forward-backward ms) of one training batch, as `caffe time` measures them."""
-    binary = caffe_bin.find_caffe()
-    result = caffe_bin.run_quiet([str(binary.binary), "time", f"-model={net}", "-iterations=20"],
+    binary = caffe_tools.find_caffe()
+    result = caffe_tools.run_quiet([str(binary.binary), "time", f"-model={net}", "-iterations=20"],
                                  env=binary.env(), cwd=net.parent)
     text = result.stdout + result.stderr
     forward = re.search(r"Average Forward pass: ([0-9.]+) ms", text)

@@ -1,3 +1,3 @@
-from .cli import main
+from caffetune.cli import main
 
 main()

@@ -7,8 +7,9 @@ import sys
 import click
 from rich.console import Console
 
-from . import __version__, schema
-from .errors import CaffetuneError
+from caffetune import __version__
+from caffetune.model import schema
+from caffetune.errors import CaffetuneError
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -46,7 +47,7 @@ def print_json(data) -> None:
 @click.pass_obj
 def doctor(obj: Context, as_json: bool) -> None:
     """Show the Caffe binary, pycaffe and schema caffetune will use."""
-    from .doctor import diagnose
+    from caffetune.report.doctor import diagnose
 
     report = diagnose(caffe=obj.caffe, proto=obj.proto)
     if as_json:
@@ -169,9 +170,9 @@ def rewrite(net, classes, name, rename, heads, weights, new_lr_mult, freeze, fre
             epochs, train_size, val_size, base_lr, lr_policy, stepsize, gamma, max_iter, test_interval, snapshot,
             snapshot_prefix, solver_mode, output, in_place, show_diff, check, as_json) -> None:
     """Replace the classifier head(s) of NET for CLASSES classes and set the learning-rate policy."""
-    from .rewrite import Options, rewrite_files
-    from .solver import SolverOptions
-    from .transforms import DataOptions
+    from caffetune.surgery.rewrite import Options, rewrite_files
+    from caffetune.surgery.solver import SolverOptions
+    from caffetune.surgery.net_edits import DataOptions
 
     if not (output or in_place or show_diff or check or as_json):
         raise click.UsageError("say where to write: -o PATH, --in-place, or preview with --diff, --check or --json")
@@ -290,10 +291,10 @@ def build_lmdb(source, out, list_file, csv_file, root, val_fraction, seed, shuff
     """Build Caffe LMDBs (train/val), labels, list files and the mean from images."""
     import signal
 
-    from .dataset import BuildOptions, build
-    from .datum import ImageOptions
-    from .imagelist import load
-    from .shared_pool import keep_freed_memory
+    from caffetune.data.dataset import BuildOptions, build
+    from caffetune.data.datum import ImageOptions
+    from caffetune.data.imagelist import load
+    from caffetune.data.worker_pool import keep_freed_memory
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))     # unwind: the temporary folder is removed
     keep_freed_memory()                                         # this process is ours: tune it for bulk I/O
@@ -328,7 +329,7 @@ def inspect_lmdb(db, labels_file, export_dir, samples, as_json) -> None:
     """Count, label histogram, shape and encoding of an LMDB; optionally export a few samples."""
     from pathlib import Path
 
-    from .lmdb_reader import export_samples, summarize
+    from caffetune.data.lmdb_reader import export_samples, summarize
 
     summary = summarize(db)
     labels_path = Path(labels_file) if labels_file else Path(db).parent / "labels.txt"
@@ -369,7 +370,7 @@ class RunView:
     def __call__(self, item) -> None:
         import time
 
-        from .runner import Notice
+        from caffetune.train.runner import Notice
 
         if isinstance(item, Notice):
             self.bar.console.print(f"[yellow]warning:[/yellow] {item.text}" if item.level == "warning" else item.text)
@@ -427,11 +428,11 @@ def run(obj: Context, solver, weights, snapshot, name, runs_dir, gpu, strict_gpu
     """Check, then train with the real `caffe train` in runs/NAME/, with live progress, metrics and plots."""
     from pathlib import Path
 
-    from . import runner
+    from caffetune.train import runner
 
     weights = [w for item in weights for w in item.split(",") if w]
     if resume_dir:
-        from . import stages as two_stage
+        from caffetune.train import stages as two_stage
 
         with RunView() as view:
             if two_stage.is_staged(resume_dir):
@@ -450,7 +451,7 @@ def run(obj: Context, solver, weights, snapshot, name, runs_dir, gpu, strict_gpu
                                 fit_head=fit_head)
     with RunView() as view:
         if stages:
-            from . import stages as two_stage
+            from caffetune.train import stages as two_stage
 
             plan = two_stage.StagePlan(unfreeze_from=unfreeze_from, stage1_iter=stage1_iter,
                                        stage2_iter=stage2_iter, lr_factor=stage2_lr_factor, heads=list(heads))
@@ -469,7 +470,8 @@ def plot(log: str, output: str | None) -> None:
     """Draw loss, accuracy and learning rate against iterations from any caffe training log."""
     from pathlib import Path
 
-    from . import logparse, plots
+    from caffetune.train import logparse
+    from caffetune.train import plots
 
     with open(log, errors="replace") as lines:
         records = logparse.parse(lines)
@@ -497,7 +499,7 @@ def plot(log: str, output: str | None) -> None:
 def evaluate_command(obj: Context, model, weights, data, mean_file, mean_values, scale, labels, batch_size, limit,
                      output, as_json) -> None:
     """Top-1, top-5, per-class accuracy and a confusion matrix of a deploy net on a dataset (pycaffe)."""
-    from . import evaluate
+    from caffetune.report import evaluate
 
     preprocessing = evaluate.Preprocessing.from_options(mean_file=mean_file, mean_values=mean_values, scale=scale)
     report = evaluate.evaluate(model, weights, data, preprocessing=preprocessing, labels_file=labels,
@@ -536,7 +538,7 @@ def print_wide(renderable) -> None:
 def inspect_command(obj: Context, target: str, weights_path: str | None, phase: str, no_pycaffe: bool,
                     as_json: bool) -> None:
     """Show a net (layers, shapes, parameters, heads, learning-rate states) or what a .caffemodel holds."""
-    from . import inspect as report_lib
+    from caffetune.report import inspection as report_lib
 
     if report_lib.looks_like_weights(target):
         if weights_path:
@@ -564,7 +566,7 @@ def inspect_command(obj: Context, target: str, weights_path: str | None, phase: 
               help="direction of the data flow")
 def draw(net: str, output: str, phase: str, rankdir: str) -> None:
     """Draw a net with layers coloured by learning-rate state (frozen, fine-tuned, new) and heads marked."""
-    from .draw import draw_net
+    from caffetune.report.draw import draw_net
 
     draw_net(net, output, phase=phase, rankdir=rankdir)
     out.print(f"wrote {output}")
@@ -591,8 +593,8 @@ def draw(net: str, output: str, phase: str, rankdir: str) -> None:
 def graft_command(source: str, net_path: str, output: str, renames: tuple[str, ...], keep_classes: str | None,
                   labels: tuple[str, str] | None, fill_new: bool, seed: int, force: bool, as_json: bool) -> None:
     """Write a caffemodel for a new net: copy every blob whose layer name and shape match, report the rest."""
-    from . import graft as graft_lib
-    from .inspect import name_list
+    from caffetune.transfer import graft as graft_lib
+    from caffetune.report.inspection import name_list
 
     refuse_overwrite(output, force)
     if keep_classes and labels:
@@ -637,11 +639,11 @@ def graft_command(source: str, net_path: str, output: str, renames: tuple[str, .
 def fit_head_command(obj: Context, net: str, weights: str, output: str, heads: tuple[str, ...], l2: float,
                      max_images: int | None, force: bool, as_json: bool) -> None:
     """Fit the net's new head(s) on the pretrained features of its training set, to fine-tune from."""
-    from . import headfit
+    from caffetune.transfer import head_fit
 
     refuse_overwrite(output, force)
-    options = headfit.FitOptions(heads=list(heads), l2=l2, max_images=max_images)
-    report = headfit.fit_heads(net, weights, output, options, caffe=obj.caffe)
+    options = head_fit.FitOptions(heads=list(heads), l2=l2, max_images=max_images)
+    report = head_fit.fit_heads(net, weights, output, options, caffe=obj.caffe)
     if as_json:
         print_json(report.as_dict())
         return
@@ -681,7 +683,7 @@ def demo(output, images_per_class, test_per_class, epochs, iterations, batch_siz
     """Fine-tune Yahoo's open_nsfw ResNet-50 on Fashion-MNIST images: data, LMDB, rewrite, run, eval, report."""
     from pathlib import Path
 
-    from . import demo as demo_lib
+    from caffetune.demo import pipeline as demo_lib
 
     options = demo_lib.DemoOptions(images_per_class=images_per_class, test_per_class=test_per_class,
                                    epochs=epochs, iterations=iterations, batch_size=batch_size, base_lr=base_lr,

@@ -78,3 +78,7 @@ class RunInterrupted(RunError):
     """caffe train was stopped by Ctrl-C before it could write a snapshot."""
 
     exit_code = 130
+
+
+class SweepError(CaffetuneError):
+    """A hyperparameter sweep cannot start or continue: a bad --param, a study of another shape, its storage."""

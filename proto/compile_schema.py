@@ -1,7 +1,7 @@
 """Compile a caffe.proto into caffetune's generated schema module (a serialized FileDescriptorSet).
 
 caffetune never imports a *_pb2 module: both pycaffe and caffetune would register package `caffe` in protobuf's
-default pool and clash. The generated module holds the compiled descriptors, which `caffetune.schema` loads into a
+default pool and clash. The generated module holds the compiled descriptors, which `caffetune.model.schema` loads into a
 private pool. Usage: python proto/compile_schema.py CAFFE_PROTO OUT_MODULE
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from caffetune.schema import compile_descriptor_set, sha256_of  # noqa: E402
+from caffetune.model.schema import compile_descriptor_set, sha256_of  # noqa: E402
 
 
 def write_module(proto: Path, out: Path) -> None:

@@ -7,15 +7,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from caffetune import caffe_bin  # noqa: E402
+from caffetune.model import caffe_tools  # noqa: E402
 from caffetune.errors import CaffeNotFound  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def caffe_install() -> caffe_bin.CaffeInstall:
+def caffe_install() -> caffe_tools.CaffeInstall:
     """The real Caffe built by `make setup`. Missing Caffe fails the test: these tests must run in CI."""
     try:
-        return caffe_bin.find_caffe()
+        return caffe_tools.find_caffe()
     except CaffeNotFound as error:
         pytest.fail(f"the real Caffe is required: {error}")
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
-from caffetune import schema
-from caffetune.caffe_bin import CaffeInstall
+from caffetune.model import schema
+from caffetune.model.caffe_tools import CaffeInstall
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,12 +16,16 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from caffetune import dataset, datum, imagelist, lmdb_reader, mean
+from caffetune.data import dataset
+from caffetune.data import datum
+from caffetune.data import imagelist
+from caffetune.data import lmdb_reader
+from caffetune.data import mean
 from caffetune.cli import cli
-from caffetune.dataset import BuildOptions
-from caffetune.datum import ImageOptions
+from caffetune.data.dataset import BuildOptions
+from caffetune.data.datum import ImageOptions
 from caffetune.errors import DatasetError
-from caffetune.lmdb_writer import LmdbWriter, make_key
+from caffetune.data.lmdb_writer import LmdbWriter, make_key
 from helpers import smooth_image, write_class_folders
 
 GOLDEN = Path(__file__).parent / "data" / "build_lmdb"
@@ -419,7 +423,7 @@ def _payload_task(index: int, size: int):
 
 
 def test_shared_pool_keeps_order_and_falls_back_to_the_pipe_for_big_payloads():
-    from caffetune.shared_pool import OrderedPool
+    from caffetune.data.worker_pool import OrderedPool
 
     pool = OrderedPool(2, window=3, slot_bytes=4096)
     try:
@@ -432,7 +436,7 @@ def test_shared_pool_keeps_order_and_falls_back_to_the_pipe_for_big_payloads():
 
 
 def test_shared_pool_reports_a_dead_worker_instead_of_hanging():
-    from caffetune.shared_pool import OrderedPool, WorkerDied
+    from caffetune.data.worker_pool import OrderedPool, WorkerDied
 
     pool = OrderedPool(2)
     try:

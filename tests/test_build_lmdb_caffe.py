@@ -10,9 +10,12 @@ import lmdb
 import numpy as np
 import pytest
 
-from caffetune import dataset, imagelist, lmdb_reader, mean
-from caffetune.dataset import BuildOptions
-from caffetune.datum import ImageOptions
+from caffetune.data import dataset
+from caffetune.data import imagelist
+from caffetune.data import lmdb_reader
+from caffetune.data import mean
+from caffetune.data.dataset import BuildOptions
+from caffetune.data.datum import ImageOptions
 from helpers import caffe_train, write_class_folders
 
 

@@ -9,7 +9,9 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from caffetune import demo, prototxt, runner
+from caffetune.demo import pipeline
+from caffetune.model import prototxt
+from caffetune.train import runner
 from caffetune.cli import cli
 from caffetune.errors import DatasetError
 
@@ -20,7 +22,7 @@ SMALL = dict(images_per_class=6, test_per_class=2, epochs=1.0, batch_size=9)
 def small_demo(tmp_path_factory, caffe_install):
     out = tmp_path_factory.mktemp("demo")
     lines = []
-    report = demo.run(demo.DemoOptions(output=out, **SMALL), say=lines.append)
+    report = pipeline.run(pipeline.DemoOptions(output=out, **SMALL), say=lines.append)
     return report, lines
 
 
@@ -65,7 +67,7 @@ def test_the_rewritten_net_has_a_new_ten_class_head_and_a_frozen_backbone(small_
 
 def test_the_report_names_accuracy_files_and_commands(small_demo):
     report, _ = small_demo
-    text = demo.format_report(report)
+    text = pipeline.format_report(report)
     for expected in ("top-1 accuracy on 20 held-out test images", "per class:", "confusion matrix:", "t-shirt_top",
                      str(report.curves), str(report.eval_dir), "caffetune build-lmdb", "caffetune rewrite",
                      "caffetune run", "caffetune eval", "total"):
@@ -96,32 +98,32 @@ def test_the_printed_commands_do_what_the_demo_did(small_demo, tmp_path):
 
 
 def test_the_schedule_is_epochs_of_the_training_set_with_a_step_at_two_thirds():
-    assert demo.schedule(2250, demo.DemoOptions(epochs=2, batch_size=25)) == (180, 120)
-    assert demo.schedule(2250, demo.DemoOptions(iterations=7)) == (7, 4)
+    assert pipeline.schedule(2250, pipeline.DemoOptions(epochs=2, batch_size=25)) == (180, 120)
+    assert pipeline.schedule(2250, pipeline.DemoOptions(iterations=7)) == (7, 4)
 
 
 def test_long_notices_are_shortened_to_their_first_and_last_names():
     names = ", ".join(f"conv_{i}" for i in range(100))
-    short = demo.shorten(runner.Notice("info", f"copied from w.caffemodel: {names}"))
+    short = pipeline.shorten(runner.Notice("info", f"copied from w.caffemodel: {names}"))
     assert short.text == "copied from w.caffemodel: conv_0, conv_1, conv_2, ..., conv_99 (100 in all)"
     plain = runner.Notice("info", "x" * 500)
-    assert demo.shorten(plain) is plain
+    assert pipeline.shorten(plain) is plain
 
 
 def test_fresh_deletes_only_a_folder_the_demo_wrote(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "keep.txt").write_text("precious")
     with pytest.raises(DatasetError, match="not written by the demo"):
-        demo.remove_earlier_output(tmp_path / "mine")
+        pipeline.remove_earlier_output(tmp_path / "mine")
     assert (tmp_path / "mine" / "keep.txt").read_text() == "precious"
     (tmp_path / "earlier").mkdir()
-    (tmp_path / "earlier" / demo.MARKER).touch()
-    demo.remove_earlier_output(tmp_path / "earlier")
+    (tmp_path / "earlier" / pipeline.MARKER).touch()
+    pipeline.remove_earlier_output(tmp_path / "earlier")
     assert not (tmp_path / "earlier").exists()
 
 
 def test_python_m_caffetune_demo_has_the_scaled_down_options():
-    result = subprocess.run([sys.executable, "-m", "caffetune.demo", "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "caffetune", "demo", "--help"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     for option in ("--images-per-class", "--test-per-class", "--epochs", "--iterations", "--output", "--fresh"):
         assert option in result.stdout

@@ -6,7 +6,7 @@ import re
 import pytest
 from click.testing import CliRunner
 
-from caffetune import draw
+from caffetune.report import draw
 from caffetune.cli import cli
 from caffetune.errors import CaffetuneError
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from caffetune import evaluate, schema
+from caffetune.report import evaluate
+from caffetune.model import schema
 from caffetune.cli import cli
 from helpers import run_pycaffe, write_tiny_lmdb
 
@@ -83,7 +84,7 @@ def test_eval_on_an_lmdb_matches_the_hand_computation(linear):
 
 def test_eval_on_a_folder_of_class_folders_matches_the_lmdb(linear, tmp_path):
     folder, deploy, weights, db, *_ = linear
-    from caffetune import lmdb_reader
+    from caffetune.data import lmdb_reader
 
     names = ["ant", "bee", "cat", "dog", "eel", "fox"]
     for index, (key, image, label) in enumerate(lmdb_reader.iter_records(db)):

@@ -13,7 +13,9 @@ import cv2
 import numpy as np
 import pytest
 
-from caffetune import fashion_mnist, pretrained, prototxt
+from caffetune.demo import fashion_mnist
+from caffetune.demo import pretrained
+from caffetune.model import prototxt
 from caffetune.errors import DatasetError, DownloadError
 
 

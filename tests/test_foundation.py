@@ -8,7 +8,9 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from caffetune import prototxt, schema
+from caffetune import files
+from caffetune.model import prototxt
+from caffetune.model import schema
 from caffetune.cli import cli
 from caffetune.errors import PrototxtError
 from helpers import caffe_train, run_pycaffe, write_tiny_classifier
@@ -47,12 +49,12 @@ def test_fork_proto_is_compiled_on_the_fly_and_cached(tmp_path, monkeypatch):
 
 def test_pycaffe_and_caffetune_schema_coexist_in_one_process(caffe_install):
     # Both orders: pycaffe first, then caffetune; and caffetune first, then pycaffe.
-    for first, second in (("import caffe", "from caffetune import prototxt"),
-                          ("from caffetune import prototxt", "import caffe")):
+    for first, second in (("import caffe", "from caffetune.model import prototxt"),
+                          ("from caffetune.model import prototxt", "import caffe")):
         result = run_pycaffe(caffe_install, f"""
             {first}
             {second}
-            from caffetune import prototxt
+            from caffetune.model import prototxt
             import caffe
             from caffe.proto import caffe_pb2
             ours = prototxt.parse('layer {{ name: "a" type: "ReLU" }}')
@@ -82,7 +84,7 @@ def test_doctor_fails_with_the_fix_when_caffe_is_missing(tmp_path):
 
 def test_write_atomic_leaves_no_temporary_files(tmp_path):
     target = tmp_path / "out" / "net.prototxt"
-    prototxt.write_atomic(target, "name: 'n'\n")
+    files.write_atomic(target, "name: 'n'\n")
     assert target.read_text() == "name: 'n'\n"
     assert [p.name for p in target.parent.iterdir()] == ["net.prototxt"]
 

@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from caffetune import graft, prototxt, shapes, weights
+from caffetune.transfer import graft
+from caffetune.model import prototxt
+from caffetune.model import shapes
+from caffetune.model import caffemodels
 from caffetune.cli import cli
 from caffetune.errors import NetError
 from helpers import caffe_train, run_pycaffe, save_random_weights, write_tiny_lmdb
@@ -77,7 +80,7 @@ def loaded_params(install, net_path, model, npz):
 
 
 def source_arrays(model) -> dict[str, np.ndarray]:
-    with weights.Caffemodel(model) as opened:
+    with caffemodels.Caffemodel(model) as opened:
         return {f"{r.name}/{i}": opened.array(b, copy=True) for r in opened.layers() for i, b in enumerate(r.blobs)}
 
 
@@ -167,7 +170,7 @@ def test_fill_writes_every_layer_with_caffes_fillers(caffe_install, source, tmp_
     loaded = loaded_params(caffe_install, net, out, tmp_path / "p.npz")
     assert np.all(loaded["fc_new/1"] == 0.5)
     assert 0.05 < loaded["fc_new/0"].std() < 0.15  # gaussian std 0.1
-    assert weights.layer_shapes(out)["fc_new"] == [(3, 36), (3,)]
+    assert caffemodels.layer_shapes(out)["fc_new"] == [(3, 36), (3,)]
 
 
 def test_graft_refuses_to_overwrite_and_checks_map_names(source, tmp_path):
@@ -224,9 +227,9 @@ def test_plan_matches_legacy_blobs_and_unknown_dimensions():
     """))
     inferred = shapes.infer(net)
     assert inferred.params["conv1"] == [(4, None, 3, 3), (4,)]
-    record = weights.LayerRecord(0, "conv1", "Convolution", "V1", [
-        weights.BlobRef((4, 3, 3, 3), True, "float32", 0, 108, (0, 0)),
-        weights.BlobRef((1, 1, 1, 4), True, "float32", 0, 4, (0, 0))])
+    record = caffemodels.LayerRecord(0, "conv1", "Convolution", "V1", [
+        caffemodels.BlobRef((4, 3, 3, 3), True, "float32", 0, 108, (0, 0)),
+        caffemodels.BlobRef((1, 1, 1, 4), True, "float32", 0, 4, (0, 0))])
     the_plan = graft.plan([record], net, inferred)
     assert the_plan.names("copied") == ["conv1"] and the_plan.unused == []
 
@@ -259,7 +262,7 @@ def test_ignored_layers_match_caffe_including_its_split_layers(caffe_install, tm
     source_net = tmp_path / "source.prototxt"
     source_net.write_text(residual("fc", True))
     model = save_random_weights(caffe_install, source_net, tmp_path / "source.caffemodel")
-    assert "conv1_relu1_0_split" in weights.layer_shapes(model)  # Net::ToProto saves Caffe's split layers
+    assert "conv1_relu1_0_split" in caffemodels.layer_shapes(model)  # Net::ToProto saves Caffe's split layers
     net = tmp_path / "new.prototxt"
     net.write_text(residual("fc_new", branch))
     predicted = json.loads(CliRunner().invoke(cli, ["inspect", str(net), "--weights", str(model), "--phase", "TEST",
@@ -288,7 +291,7 @@ def test_legacy_v1_net_with_net_level_inputs(caffe_install, tmp_path):
     net = tmp_path / "v1.prototxt"
     net.write_text(V1_NET)
     model = save_random_weights(caffe_install, net, tmp_path / "v1.caffemodel")
-    assert "input" in weights.layer_shapes(model)  # Caffe turned `input:` into an Input layer named "input"
+    assert "input" in caffemodels.layer_shapes(model)  # Caffe turned `input:` into an Input layer named "input"
     log = subprocess.run([str(caffe_install.binary), "test", f"-model={net}", f"-weights={model}", "-iterations=1"],
                          capture_output=True, text=True, timeout=300)
     assert log.returncode == 0 and ignored_by_caffe(log.stderr) == []
@@ -315,7 +318,7 @@ def test_a_layer_that_lost_its_bias_keeps_its_weights(caffe_install, source, tmp
 
 def test_graft_from_a_v1_caffemodel_with_legacy_blobs(caffe_install, tmp_path):
     """Old model-zoo files store biases as 1x1x1xN: they are copied verbatim and Caffe accepts them."""
-    from caffetune import schema
+    from caffetune.model import schema
 
     rng = np.random.default_rng(5)
     old = schema.current().NetParameter(name="old")

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from caffetune import headfit, layers, prototxt
+from caffetune.transfer import head_fit
+from caffetune.model import layers
+from caffetune.model import prototxt
 from caffetune.cli import cli
 from caffetune.errors import DatasetError, NetError
 from helpers import run_pycaffe, save_random_weights, write_tiny_classifier
@@ -22,10 +24,10 @@ def test_softmax_gradient_matches_finite_differences():
     features, labels = rng.normal(size=(12, 5)), rng.integers(0, 3, 12)
     onehot = np.eye(3)[labels]
     params = rng.normal(size=3 * 5 + 3)
-    loss, gradient = headfit._softmax_loss(params, features, onehot, 0.1, True)
+    loss, gradient = head_fit._softmax_loss(params, features, onehot, 0.1, True)
     step = 1e-6
-    numeric = [(headfit._softmax_loss(params + step * np.eye(len(params))[i], features, onehot, 0.1, True)[0]
-                - headfit._softmax_loss(params - step * np.eye(len(params))[i], features, onehot, 0.1, True)[0])
+    numeric = [(head_fit._softmax_loss(params + step * np.eye(len(params))[i], features, onehot, 0.1, True)[0]
+                - head_fit._softmax_loss(params - step * np.eye(len(params))[i], features, onehot, 0.1, True)[0])
                / (2 * step) for i in range(len(params))]
     assert loss > 0
     np.testing.assert_allclose(gradient, numeric, rtol=1e-5, atol=1e-7)
@@ -36,7 +38,7 @@ def test_fit_separates_separable_classes_and_scores_like_softmax():
     centres = rng.normal(scale=4.0, size=(4, 6))
     labels = np.repeat(np.arange(4), 25)
     features = centres[labels] + rng.normal(size=(100, 6))
-    weights, bias, stats = headfit.fit_softmax(features, labels, 4, l2=1e-3)
+    weights, bias, stats = head_fit.fit_softmax(features, labels, 4, l2=1e-3)
     assert weights.shape == (4, 6) and bias.shape == (4,)
     assert stats["accuracy"] == ((features @ weights.T + bias).argmax(1) == labels).mean() == 1.0
     assert stats["loss"] < 0.1 and stats["steps"] > 0
@@ -49,10 +51,10 @@ def test_fewer_images_than_features_fit_in_their_span_exactly():
     rng = np.random.default_rng(4)
     labels = np.arange(12) % 3
     features = rng.normal(size=(12, 40)) + np.eye(3)[labels] @ rng.normal(size=(3, 40))
-    weights, bias, stats = headfit.fit_softmax(features, labels, 3, l2=0.05)
-    direct = minimize(headfit._softmax_loss, np.zeros(3 * 40 + 3), args=(features, np.eye(3)[labels], 0.05, True),
+    weights, bias, stats = head_fit.fit_softmax(features, labels, 3, l2=0.05)
+    direct = minimize(head_fit._softmax_loss, np.zeros(3 * 40 + 3), args=(features, np.eye(3)[labels], 0.05, True),
                       jac=True, method="L-BFGS-B", options={"maxiter": 2000, "gtol": 1e-10})
-    reduced_objective = headfit._softmax_loss(np.concatenate([weights.ravel(), bias]), features, np.eye(3)[labels],
+    reduced_objective = head_fit._softmax_loss(np.concatenate([weights.ravel(), bias]), features, np.eye(3)[labels],
                                               0.05, True)[0]
     assert reduced_objective == pytest.approx(direct.fun, abs=1e-6)
     np.testing.assert_allclose(weights, direct.x[:120].reshape(3, 40), atol=1e-3)
@@ -64,24 +66,24 @@ def test_fit_without_bias_and_transposed_layout():
     rng = np.random.default_rng(2)
     labels = np.arange(30) % 3
     features = np.eye(3)[labels] * 5 + rng.normal(scale=0.1, size=(30, 3))
-    weights, bias, _ = headfit.fit_softmax(features, labels, 3, bias=False)
+    weights, bias, _ = head_fit.fit_softmax(features, labels, 3, bias=False)
     assert bias is None
     layer = prototxt.parse('layer { name: "fc" type: "InnerProduct" inner_product_param { num_output: 3 '
                            'transpose: true } }', "NetParameter").layer[0]
-    blobs = headfit.head_blobs(layer, weights, bias)
+    blobs = head_fit.head_blobs(layer, weights, bias)
     assert len(blobs) == 1 and blobs[0].dtype == np.dtype("<f4")
     np.testing.assert_allclose(blobs[0], weights.T.astype(np.float32))
 
 
 def test_features_equal_for_every_image_are_refused():
     with pytest.raises(DatasetError, match="the input of head fc_new \\(blob pool5\\) is the same for every"):
-        headfit.check_informative(np.zeros((4, 3)), "fc_new", "pool5")
-    headfit.check_informative(np.eye(3), "fc_new", "pool5")
+        head_fit.check_informative(np.zeros((4, 3)), "fc_new", "pool5")
+    head_fit.check_informative(np.eye(3), "fc_new", "pool5")
 
 
 def test_labels_beyond_the_head_are_an_error():
     with pytest.raises(DatasetError, match="labels go up to 4 but the head has 3 outputs"):
-        headfit.fit_softmax(np.zeros((5, 2)), np.arange(5), 3)
+        head_fit.fit_softmax(np.zeros((5, 2)), np.arange(5), 3)
 
 
 # --- the probe net ------------------------------------------------------------------------------------------------
@@ -98,7 +100,7 @@ layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "
 def test_probe_net_reads_the_training_source_in_the_test_phase_without_randomness():
     net = prototxt.parse(NET, "NetParameter")
     before = net.SerializeToString()
-    probe = headfit.probe_net(net)
+    probe = head_fit.probe_net(net)
     assert net.SerializeToString() == before                      # the caller's message is untouched
     data = [layer for layer in probe.layer if layer.type == "Data"]
     assert [layer.data_param.source for layer in data] == ["train_lmdb", "train_lmdb"]
@@ -111,7 +113,7 @@ def test_probe_net_reads_the_training_source_in_the_test_phase_without_randomnes
 
 def test_probe_net_of_a_data_layer_for_both_phases():
     both = NET.replace(' include { phase: TRAIN }\n', '\n', 1)
-    probe = headfit.probe_net(prototxt.parse(both, "NetParameter"))
+    probe = head_fit.probe_net(prototxt.parse(both, "NetParameter"))
     assert [layer.name for layer in probe.layer] == ["data", "fc", "loss"]
     assert layers.phases(probe.layer[0]) == {"TEST"} and probe.layer[0].data_param.source == "train_lmdb"
 
@@ -119,7 +121,7 @@ def test_probe_net_of_a_data_layer_for_both_phases():
 def test_probe_net_needs_one_training_data_layer():
     net = prototxt.parse(NET.replace("include { phase: TRAIN }", "include { phase: TEST }"), "NetParameter")
     with pytest.raises(NetError, match="one TRAIN-phase Data or ImageData layer; the net has 0"):
-        headfit.probe_net(net)
+        head_fit.probe_net(net)
 
 
 # --- with the real Caffe ------------------------------------------------------------------------------------------
@@ -154,7 +156,7 @@ def _caffe_test_accuracy(install, net, weights, iterations: int) -> float:
 def test_fitted_head_scores_in_caffe_as_the_fit_computed(caffe_install, pretrained, tmp_path):
     net, _solver, weights = pretrained
     output = tmp_path / "fitted.caffemodel"
-    report = headfit.fit_heads(net, weights, output)
+    report = head_fit.fit_heads(net, weights, output)
     [fit] = report.fits
     assert (fit.name, fit.images, fit.features, fit.classes) == ("fc_new", 32, 4 * 6 * 6, 4)
     assert report.forward_batches == 4 and report.graft.fitted == ["fc_new"]

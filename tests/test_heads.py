@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from caffetune import heads, lr_policy, prototxt
+from caffetune.model import heads
+from caffetune.surgery import lr_policy
+from caffetune.model import prototxt
 from caffetune.errors import NetError
 
 DATA = Path(__file__).parent / "data" / "rewrite"

@@ -5,9 +5,9 @@ from collections import Counter
 
 import pytest
 
-from caffetune import imagelist
+from caffetune.data import imagelist
 from caffetune.errors import DatasetError
-from caffetune.imagelist import Record
+from caffetune.data.imagelist import Record
 
 
 def _touch(path, data=b"x"):

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from caffetune import inspect as report_lib
-from caffetune import prototxt, schema, shapes
+from caffetune.report import inspection as report_lib
+from caffetune.model import prototxt
+from caffetune.model import schema
+from caffetune.model import shapes
 from caffetune.cli import cli
 
 GOLDEN = Path(__file__).parent / "data" / "inspect"

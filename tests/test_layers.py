@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from caffetune import layers, prototxt
+from caffetune.model import layers
+from caffetune.model import prototxt
 from caffetune.errors import NetError
 
 DATA = Path(__file__).parent / "data" / "rewrite"

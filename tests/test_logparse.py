@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from caffetune import logparse, metrics, plots
-from caffetune.logparse import Event, LogParser, Record
+from caffetune.train import logparse
+from caffetune.train import metrics
+from caffetune.train import plots
+from caffetune.train.logparse import Event, LogParser, Record
 
 DATA = Path(__file__).parent / "data" / "logparse"
 

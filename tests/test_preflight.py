@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from caffetune import preflight, prototxt, schema
+from caffetune.train import preflight
+from caffetune.model import prototxt
+from caffetune.model import schema
 from caffetune.cli import cli
 from caffetune.errors import PreflightError
 from helpers import save_random_weights, write_tiny_classifier, write_tiny_lmdb

@@ -16,7 +16,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from caffetune import layers, prototxt, rewrite, textedit
+from caffetune.model import layers
+from caffetune.model import prototxt
+from caffetune.surgery import rewrite
+from caffetune.model import textedit
 from caffetune.cli import cli
 from caffetune.errors import NetError, PrototxtError
 
@@ -170,7 +173,7 @@ def test_textedit_falls_back_to_none_when_it_cannot_keep_the_layout():
 
 
 def test_new_name_present_in_the_weights_is_refused(tmp_path, monkeypatch):
-    import caffetune.weights as weights
+    from caffetune.model import caffemodels as weights
 
     monkeypatch.setattr(weights, "layer_shapes", lambda path: {"fc_nsfw_new": [(2, 4)], "conv1": [(4, 3, 3, 3)]})
     text = (DATA / "resnet_deploy.prototxt").read_text()
@@ -262,7 +265,7 @@ def test_option_errors_say_what_and_how_to_fix():
 
 
 def test_solver_schedule_from_dataset_sizes():
-    from caffetune.solver import SolverOptions, schedule
+    from caffetune.surgery.solver import SolverOptions, schedule
 
     fields = schedule(SolverOptions(epochs=4, train_size=1000, val_size=250, train_batch=32, val_batch=50))
     assert fields == {"test_iter": 5, "test_interval": 32, "max_iter": 128, "stepsize": 42}

@@ -12,9 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from caffetune import caffe_bin, metrics, prototxt, runner
+from caffetune.model import caffe_tools
+from caffetune.train import metrics
+from caffetune.model import prototxt
+from caffetune.train import runner
 from caffetune.errors import CaffetuneError, RunError
-from caffetune.logparse import Record
+from caffetune.train.logparse import Record
 from helpers import write_tiny_classifier
 
 
@@ -147,7 +150,7 @@ class _NoMetrics:
 
 def _cuda_build() -> bool:
     try:
-        return caffe_bin.find_caffe().is_cuda
+        return caffe_tools.find_caffe().is_cuda
     except CaffetuneError:
         return False        # the caffe_install fixture reports the missing build
 

@@ -7,7 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from caffetune import metrics, prototxt, runner, stages
+from caffetune.train import metrics
+from caffetune.model import prototxt
+from caffetune.train import runner
+from caffetune.train import stages
 from caffetune.errors import NetError
 from helpers import save_random_weights, write_tiny_classifier
 

@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from caffetune import schema, weights
+from caffetune.model import schema
+from caffetune.model import caffemodels
 from caffetune.errors import PrototxtError
 from helpers import run_pycaffe, save_random_weights
 
@@ -50,7 +51,7 @@ def pycaffe_params(install, net, model, npz):
 def test_layer_shapes_match_what_pycaffe_loads(caffe_install, tiny, tmp_path):
     net, model = tiny
     shapes, _ = pycaffe_params(caffe_install, net, model, tmp_path / "p.npz")
-    found = weights.layer_shapes(model)
+    found = caffemodels.layer_shapes(model)
     assert {name: [list(s) for s in blobs] for name, blobs in found.items() if blobs} == shapes
     assert found["relu1"] == [] and found["prob"] == []  # net.save writes every layer, blobs or not
     assert list(found) == ["data", "conv1", "relu1", "fc", "prob"]
@@ -59,7 +60,7 @@ def test_layer_shapes_match_what_pycaffe_loads(caffe_install, tiny, tmp_path):
 def test_blob_arrays_are_the_values_pycaffe_reads(caffe_install, tiny, tmp_path):
     net, model = tiny
     _, arrays = pycaffe_params(caffe_install, net, model, tmp_path / "p.npz")
-    with weights.Caffemodel(model) as opened:
+    with caffemodels.Caffemodel(model) as opened:
         records = {r.name: r for r in opened.layers()}
         for key in arrays.files:
             name, index = key.split("/")
@@ -91,12 +92,12 @@ def test_v1_caffemodel_with_legacy_blobs_is_read_and_caffe_agrees(caffe_install,
     arrays = {"conv1": [rng.normal(size=(4, 3, 3, 3)).astype(np.float32), rng.normal(size=4).astype(np.float32)],
               "fc": [rng.normal(size=(5, 144)).astype(np.float32), rng.normal(size=5).astype(np.float32)]}
     model = write_v1_model(tmp_path / "v1.caffemodel", arrays)
-    assert weights.layer_shapes(model) == {"conv1": [(4, 3, 3, 3), (1, 1, 1, 4)], "fc": [(1, 1, 5, 144), (1, 1, 1, 5)]}
-    records = weights.read_layers(model)
+    assert caffemodels.layer_shapes(model) == {"conv1": [(4, 3, 3, 3), (1, 1, 1, 4)], "fc": [(1, 1, 5, 144), (1, 1, 1, 5)]}
+    records = caffemodels.read_layers(model)
     assert [(r.name, r.type, r.format) for r in records] == [("conv1", "Convolution", "V1"),
                                                               ("fc", "InnerProduct", "V1")]
     _, loaded = pycaffe_params(caffe_install, net, model, tmp_path / "p.npz")  # Caffe upgrades and copies them
-    with weights.Caffemodel(model) as opened:
+    with caffemodels.Caffemodel(model) as opened:
         for record in opened.layers():
             for i, blob in enumerate(record.blobs):
                 assert blob.legacy
@@ -109,7 +110,7 @@ def test_a_file_that_is_not_a_caffemodel_is_refused_with_its_path(tmp_path, cont
     path = tmp_path / "bad.caffemodel"
     path.write_bytes(content)
     with pytest.raises(PrototxtError) as caught:
-        weights.layer_shapes(path)
+        caffemodels.layer_shapes(path)
     assert caught.value.where == str(path)
     assert caught.value.fix
 
@@ -120,35 +121,35 @@ def test_a_mean_binaryproto_is_not_taken_for_a_caffemodel(tmp_path):
     path = tmp_path / "mean.binaryproto"
     path.write_bytes(blob.SerializeToString())
     with pytest.raises(PrototxtError, match="not a caffemodel"):
-        weights.layer_shapes(path)
+        caffemodels.layer_shapes(path)
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(PrototxtError, match="file not found"):
-        weights.layer_shapes(tmp_path / "nope.caffemodel")
+        caffemodels.layer_shapes(tmp_path / "nope.caffemodel")
 
 
 def test_encoded_blob_parses_through_the_schema():
     array = np.arange(24, dtype=np.float32).reshape(2, 3, 4) / 7
     blob = schema.current().BlobProto()
-    blob.ParseFromString(weights.encode_blob(array))
+    blob.ParseFromString(caffemodels.encode_blob(array))
     assert list(blob.shape.dim) == [2, 3, 4]
     assert np.asarray(blob.data, np.float32).tobytes() == array.tobytes()
 
 
 def test_varints_round_trip_including_negative_numbers():
     for value in (0, 1, 127, 128, 300, 2**31, 2**63 - 1, -1, -5):
-        encoded = weights.encode_varint(value)
-        decoded, end = weights.read_varint(encoded, 0, len(encoded))
-        assert weights.signed64(decoded) == value and end == len(encoded)
+        encoded = caffemodels.encode_varint(value)
+        decoded, end = caffemodels.read_varint(encoded, 0, len(encoded))
+        assert caffemodels.signed64(decoded) == value and end == len(encoded)
 
 
 def test_legacy_shapes_match_like_blob_shape_equals():
-    legacy = weights.BlobRef((1, 1, 1, 1000), True, "float32", 0, 1000, (0, 0))
-    modern = weights.BlobRef((1000,), False, "float32", 0, 1000, (0, 0))
-    assert weights.shape_matches(legacy, (1000,)) and weights.shape_matches(legacy, (1, 1000))
-    assert not weights.shape_matches(legacy, (1000, 1))
-    assert weights.shape_matches(modern, (1000,)) and not weights.shape_matches(modern, (1, 1000))
+    legacy = caffemodels.BlobRef((1, 1, 1, 1000), True, "float32", 0, 1000, (0, 0))
+    modern = caffemodels.BlobRef((1000,), False, "float32", 0, 1000, (0, 0))
+    assert caffemodels.shape_matches(legacy, (1000,)) and caffemodels.shape_matches(legacy, (1, 1000))
+    assert not caffemodels.shape_matches(legacy, (1000, 1))
+    assert caffemodels.shape_matches(modern, (1000,)) and not caffemodels.shape_matches(modern, (1, 1000))
 
 
 def test_v0_weights_nested_in_v1_entries_are_read(tmp_path):
@@ -161,7 +162,7 @@ def test_v0_weights_nested_in_v1_entries_are_read(tmp_path):
     blob.data.extend([1, 2, 3, 4, 5, 6])
     path = tmp_path / "v0.caffemodel"
     path.write_bytes(net.SerializeToString())
-    (record,) = weights.read_layers(path)
+    (record,) = caffemodels.read_layers(path)
     assert (record.name, record.type, record.format, record.shapes) == ("conv1", "conv", "V0", [(2, 3, 1, 1)])
-    with weights.Caffemodel(path) as opened:
+    with caffemodels.Caffemodel(path) as opened:
         assert opened.array(record.blobs[0]).ravel().tolist() == [1, 2, 3, 4, 5, 6]
