@@ -8,11 +8,12 @@ CACHE := $(or $(CAFFETUNE_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/caffetun
 SCHEMA := caffetune/_generated/caffe_schema.py
 CAFFE_SRC := $(CACHE)/source-$(shell sed -n 's/^CAFFE_DEB_VERSION=//p' proto/caffe-source.lock)/src
 
-# Debian packages: Caffe's build dependencies, graphviz for `caffetune draw`, Fashion-MNIST for the demo.
+# Debian packages: Caffe's build dependencies, graphviz for `caffetune draw`, Fashion-MNIST for the demo, PostgreSQL
+# for the tests of `caffetune sweep` workers sharing a study.
 APT_PACKAGES := build-essential cmake pkg-config patch xz-utils ca-certificates \
   libprotobuf-dev protobuf-compiler libgoogle-glog-dev libgflags-dev libhdf5-dev libleveldb-dev libsnappy-dev \
   liblmdb-dev libopencv-dev libboost-system-dev libboost-thread-dev libboost-filesystem-dev libboost-python-dev \
-  libopenblas-dev liblapack-dev graphviz dataset-fashion-mnist
+  libopenblas-dev liblapack-dev graphviz dataset-fashion-mnist postgresql
 
 .PHONY: setup apt venv caffe proto test demo bench transfer-bench clean
 

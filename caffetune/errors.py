@@ -7,7 +7,7 @@ from dataclasses import dataclass
 class CaffetuneError(Exception):
     """A user-facing problem: says what went wrong, where, and how to fix it."""
 
-    exit_code = 1
+    exit_code = 1       # caffetune.cli.exit_codes.ExitCode.FAILED
 
     def __init__(self, what: str, *, where: str | None = None, fix: str | None = None):
         super().__init__(what)
@@ -35,7 +35,7 @@ class NetError(CaffetuneError):
 class CaffeNotFound(CaffetuneError):
     """No Caffe binary or pycaffe was found."""
 
-    exit_code = 3
+    exit_code = 3       # ExitCode.CAFFE_NOT_FOUND
 
 
 class DatasetError(CaffetuneError):
@@ -46,7 +46,10 @@ class PreflightError(CaffetuneError):
     """One or more checks failed before launching Caffe."""
 
     def __init__(self, problems: list["Problem"]):
-        super().__init__(f"{len(problems)} problem(s) found before launching caffe")
+        errors = sum(1 for p in problems if p.level == "error")
+        warnings = len(problems) - errors
+        counts = f"{errors} error(s)" + (f" and {warnings} warning(s) (--strict)" if warnings else "")
+        super().__init__(f"{counts} found before launching caffe")
         self.problems = problems
 
     def __str__(self) -> str:
@@ -59,14 +62,18 @@ class RunError(CaffetuneError):
 
 @dataclass(frozen=True)
 class Problem:
-    """One finding of a check: what is wrong, where, and the fix."""
+    """One finding of a check: what is wrong, where, and the fix; why it matters. An "error" stops the run; a
+    "warning" (very likely a mistake) lets it start unless --strict."""
 
     what: str
     where: str = ""
     fix: str = ""
+    why: str = ""
+    level: str = "error"
 
     def __str__(self) -> str:
         text = f"{self.where}: {self.what}" if self.where else self.what
+        text = f"{text}: {self.why}" if self.why else text
         return f"{text} (fix: {self.fix})" if self.fix else text
 
 
@@ -77,7 +84,7 @@ class DownloadError(CaffetuneError):
 class RunInterrupted(RunError):
     """caffe train was stopped by Ctrl-C before it could write a snapshot."""
 
-    exit_code = 130
+    exit_code = 130     # ExitCode.INTERRUPTED
 
 
 class SweepError(CaffetuneError):

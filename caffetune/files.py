@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from caffetune.errors import CaffetuneError
+
 
 @contextlib.contextmanager
 def atomic_output(path: Path | str):
@@ -35,3 +37,10 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def refuse_existing(path: Path | str, overwrite: bool) -> None:
+    """Raise unless `path` is free or the caller asked to overwrite it (outputs never replace a file silently)."""
+    if Path(path).exists() and not overwrite:
+        raise CaffetuneError("the output exists", where=str(path),
+                             fix="pass --overwrite to replace it, or choose another -o")

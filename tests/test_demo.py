@@ -110,7 +110,7 @@ def test_long_notices_are_shortened_to_their_first_and_last_names():
     assert pipeline.shorten(plain) is plain
 
 
-def test_fresh_deletes_only_a_folder_the_demo_wrote(tmp_path):
+def test_overwrite_deletes_only_a_folder_the_demo_wrote(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "keep.txt").write_text("precious")
     with pytest.raises(DatasetError, match="not written by the demo"):
@@ -125,5 +125,5 @@ def test_fresh_deletes_only_a_folder_the_demo_wrote(tmp_path):
 def test_python_m_caffetune_demo_has_the_scaled_down_options():
     result = subprocess.run([sys.executable, "-m", "caffetune", "demo", "--help"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    for option in ("--images-per-class", "--test-per-class", "--epochs", "--iterations", "--output", "--fresh"):
+    for option in ("--images-per-class", "--test-per-class", "--epochs", "--iterations", "--output", "--overwrite"):
         assert option in result.stdout

@@ -101,7 +101,7 @@ def test_eval_command_prints_and_writes_the_confusion_matrix(linear, tmp_path):
     folder, deploy, weights, db, *_ = linear
     (tmp_path / "labels.txt").write_text("\n".join(f"class{i}" for i in range(CLASSES)) + "\n")
     result = CliRunner().invoke(cli, ["eval", "--model", str(deploy), "--weights", str(weights), "--data", str(db),
-                                      "--mean-values", "104,117,123", "--scale", str(SCALE), "--labels",
+                                      "--mean-value", "104,117,123", "--scale", str(SCALE), "--labels",
                                       str(tmp_path / "labels.txt"), "-o", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert "top-1 accuracy:" in result.output and "top-5 accuracy:" in result.output

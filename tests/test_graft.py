@@ -179,7 +179,7 @@ def test_graft_refuses_to_overwrite_and_checks_map_names(source, tmp_path):
     existing = tmp_path / "exists.caffemodel"
     existing.write_bytes(b"x")
     result = CliRunner().invoke(cli, ["graft", "--from", str(source), "--net", str(net), "-o", str(existing)])
-    assert result.exit_code != 0 and "--force" in str(result.exception)
+    assert result.exit_code != 0 and "--overwrite" in str(result.exception)
     with pytest.raises(NetError, match="no layer fc9"):
         graft.graft(source, net, tmp_path / "o.caffemodel", mapping={"fc_new": "fc9"})
     with pytest.raises(NetError, match="applies to no layer"):

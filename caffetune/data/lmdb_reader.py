@@ -181,6 +181,13 @@ def summarize(db_path: Path | str) -> DbSummary:
     return summary
 
 
+def label_names(db_path: Path | str, labels_file: Path | str | None = None) -> list[str]:
+    """Class names, one a line, from `labels_file`, else the labels.txt beside the database (as build-lmdb writes
+    it); empty when there is none."""
+    path = Path(labels_file) if labels_file else Path(db_path).parent / "labels.txt"
+    return path.read_text().splitlines() if path.is_file() else []
+
+
 def export_samples(db_path: Path | str, out_dir: Path | str, count: int = 8) -> list[Path]:
     """Write the first `count` records as PNG files (`<n>_label<L>.png`, BGR as stored) into `out_dir`."""
     import cv2  # noqa: PLC0415 - only exporting needs the encoder

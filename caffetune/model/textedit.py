@@ -36,6 +36,7 @@ class Node:
     children: list["Node"] | None = None   # set for message values
     open: int = 0                  # offset of "{" / "<" for messages
     close: int = 0                 # offset of "}" / ">" for messages
+    group: "Node | None" = None    # for an element of `name: [a, b]`: the whole list field
 
 
 class _Unsupported(Exception):
@@ -76,7 +77,8 @@ def _parse_block(tokens, index: int, closer: str | None) -> tuple[list[Node], in
             nodes.append(Node(value, start, close + 1, start2, close + 1, children, start2, close))
             index = close_index + 1
         elif value2 == "[":
-            raise _Unsupported("list syntax")
+            elements, index = _parse_list(tokens, index + 1, value, start)
+            nodes.extend(elements)
         else:
             end = start2 + len(value2)
             index += 1
@@ -87,6 +89,26 @@ def _parse_block(tokens, index: int, closer: str | None) -> tuple[list[Node], in
     if closer:
         raise _Unsupported("unbalanced braces")
     return nodes, index
+
+
+def _parse_list(tokens, index: int, name: str, start: int) -> tuple[list[Node], int]:
+    """The elements of a scalar list `name: [a, b, c]` as nodes of their own, grouped under the whole field."""
+    elements: list[Node] = []
+    while index < len(tokens):
+        kind, value, offset = tokens[index]
+        if value == "]" and kind == "punct":
+            group = Node(name, start, offset + 1, start, offset + 1)
+            for element in elements:
+                element.group = group
+            return elements, index + 1
+        if value == ",":
+            index += 1
+            continue
+        if kind not in ("word", "string"):
+            raise _Unsupported(f"list of {value!r} at {offset}")    # lists of messages are left alone
+        elements.append(Node(name, offset, offset + len(value), offset, offset + len(value)))
+        index += 1
+    raise _Unsupported("unterminated list")
 
 
 def scan(text: str) -> list[Node]:
@@ -132,28 +154,29 @@ def _alone_on_line(text: str, node: Node) -> bool:
     return before.strip() == "" and (after.strip() == "" or after.strip().startswith("#"))
 
 
-def _comment_lines_before(text: str, offset: int) -> int:
-    """Start of the comment-only lines directly above the line at `offset` (they describe what follows)."""
-    start = _line_start(text, offset)
-    while start > 0:
-        previous = _line_start(text, start - 1)
-        if not text[previous:start].strip().startswith("#"):
-            break
-        start = previous
-    return start
+def comments_in(text: str, start: int = 0, end: int | None = None) -> list[str]:
+    """The comments (`# ...`, without the line break) that start in text[start:end]."""
+    end = len(text) if end is None else end
+    return [match.group() for match in _comment_matches(text) if start <= match.start() < end]
 
 
 def _delete(edits: _Edits, node: Node) -> None:
+    """Delete a field occurrence, keeping every comment in it or after it on its line (your file stays yours)."""
+    if node.group is not None:
+        raise _Unsupported("deleting one element of a list")
     text = edits.text
     if _alone_on_line(text, node):
         line_end = text.find("\n", node.end)
-        start = _comment_lines_before(text, node.start)
-        edits.replace(start, line_end + 1 if line_end >= 0 else len(text), "")
+        end = line_end + 1 if line_end >= 0 else len(text)
+        start = _line_start(text, node.start)
+        indent = text[start:node.start]
+        edits.replace(start, end, "".join(f"{indent}{comment}\n" for comment in comments_in(text, node.start, end)))
     else:
         end = node.end
         while end < len(text) and text[end] in " \t":
             end += 1
-        edits.replace(node.start, end, "")
+        kept = comments_in(text, node.start, node.end)
+        edits.replace(node.start, end, "".join(f"{comment}\n" for comment in kept))
 
 
 def to_text(message: Message, one_line: bool = False) -> str:
@@ -265,7 +288,7 @@ def _anchor(nodes: list[Node], name: str) -> Node | None:
     for candidate in _AFTER_FIELDS.get(name, (name,)):
         matches = [node for node in nodes if node.name == candidate]
         if matches:
-            return matches[-1]
+            return matches[-1].group or matches[-1]
     return None
 
 
@@ -366,11 +389,30 @@ def _diff_repeated_scalars(edits, block, nodes, parent_old, parent_new, fd, top_
     for node, old_value, new_value in zip(occurrences, old, new):
         if old_value != new_value:
             _replace_value(edits, parent_new, fd, node, new_value)
-    for node in occurrences[len(new):]:
-        _delete(edits, node)
-    anchor = occurrences[-1] if occurrences else _anchor(nodes, fd.name)
+    _delete_scalars(edits, occurrences[len(new):])
+    anchor = (occurrences[-1].group or occurrences[-1]) if occurrences else _anchor(nodes, fd.name)
     for value in new[len(old):]:
         _insert_in_block(edits, block, anchor, parent_new, fd, value, top_end)
+
+
+def _delete_scalars(edits: _Edits, doomed: list[Node]) -> None:
+    """Delete scalar occurrences; a `[a, b]` list goes only as a whole."""
+    groups: dict[int, tuple[Node, int]] = {}
+    for node in doomed:
+        if node.group is None:
+            _delete(edits, node)
+        else:
+            group, count = groups.get(id(node.group), (node.group, 0))
+            groups[id(node.group)] = (group, count + 1)
+    for group, count in groups.values():
+        if count != sum(1 for node in doomed if node.group is group) or \
+                count != _list_size(edits.text, group):
+            raise _Unsupported("deleting part of a list")
+        _delete(edits, group)
+
+
+def _list_size(text: str, group: Node) -> int:
+    return len([token for token in _tokens(text[group.start:group.end]) if token[0] in ("word", "string")]) - 1
 
 
 def _replace_value(edits: _Edits, parent: Message, fd, node: Node, value) -> None:
@@ -421,3 +463,60 @@ def render(text: str, old: Message, new: Message) -> str | None:
     except text_format.ParseError:
         return None
     return result if check == new else None
+
+
+def _node_key(text: str, node: Node) -> tuple[str, str]:
+    """(field, layer name) of a top-level node: what a comment before or inside it is about."""
+    for child in node.children or []:
+        if child.name == "name":
+            return node.name, text[child.value_start:child.value_end].strip("\"'")
+    return node.name, ""
+
+
+def carry_comments(old_text: str, new_text: str) -> str:
+    """`new_text` (canonical, comment-free) with every comment of `old_text` put back: each before the top-level
+    field it preceded or sat in (matched by layer name), the rest at the top or the end."""
+    comments = [(match.start(), match.group()) for match in _comment_matches(old_text)]
+    if not comments:
+        return new_text
+    try:
+        old_nodes, new_nodes = scan(old_text), scan(new_text)
+    except (_Unsupported, IndexError):
+        old_nodes, new_nodes = [], []
+    targets: dict[tuple[str, str], int] = {}
+    for node in new_nodes:
+        targets.setdefault(_node_key(new_text, node), _line_start(new_text, node.start))
+    inserts: dict[int, list[str]] = {}
+    for offset, comment in comments:
+        following = next((node for node in old_nodes if node.end > offset), None)
+        if following is None:
+            position = len(new_text) if old_nodes else 0
+        else:
+            position = targets.get(_node_key(old_text, following), 0)
+        inserts.setdefault(position, []).append(comment)
+    pieces, last = [], 0
+    for position in sorted(inserts):
+        pieces.append(new_text[last:position])
+        if position and not new_text[:position].endswith("\n"):
+            pieces.append("\n")
+        pieces.append("".join(f"{comment}\n" for comment in inserts[position]))
+        last = position
+    pieces.append(new_text[last:])
+    return "".join(pieces)
+
+
+def _comment_matches(text: str):
+    position = 0
+    while position < len(text):
+        match = _TOKEN.match(text, position)
+        if not match:
+            position += 1
+            continue
+        if match.lastgroup == "comment":
+            yield match
+        position = match.end()
+
+
+def canonical(old_text: str, message: Message) -> str:
+    """The canonical text of `message`, keeping the comments of `old_text` (the fallback when render fails)."""
+    return carry_comments(old_text, to_text(message))

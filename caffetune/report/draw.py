@@ -14,7 +14,7 @@ from google.protobuf.message import Message
 
 from caffetune import files
 from caffetune.model import heads
-from caffetune.surgery import lr_policy
+from caffetune.surgery import class_layers, lr_policy
 from caffetune.model import prototxt
 from caffetune.model import shapes
 from caffetune.model import layers as L
@@ -28,6 +28,9 @@ LEGEND = (("frozen", "frozen (lr_mult 0)"), ("fine-tuned", "fine-tuned"), ("new"
 
 
 def _head_names(net: Message) -> set[str]:
+    dense = class_layers.summary(net)   # detection/segmentation: the class-dependent layers are marked as heads
+    if dense is not None and dense[0]:
+        return set(dense[0])
     try:
         return {head.name for head in heads.find_heads(net)}
     except NetError:
@@ -85,7 +88,7 @@ def _add_legend(graph) -> None:
         for state, text in LEGEND:
             legend.node(f"legend_{state}", text, shape="box", style="rounded,filled",
                         fillcolor=STATE_COLOURS[state], fontname="Helvetica")
-        legend.node("legend_head", "classifier head", shape="box", style="rounded", peripheries="2",
+        legend.node("legend_head", "classifier head / class-dependent layer", shape="box", style="rounded", peripheries="2",
                     penwidth="2.5", color="#ae017e", fontname="Helvetica")
 
 

@@ -19,7 +19,7 @@ from google.protobuf.message import Message
 from caffetune.model import caffe_tools
 from caffetune.transfer import graft
 from caffetune.model import heads
-from caffetune.surgery import lr_policy
+from caffetune.surgery import class_layers, lr_policy
 from caffetune.model import prototxt
 from caffetune.model import shapes
 from caffetune.model import caffemodels
@@ -188,6 +188,9 @@ def _count(shape_list) -> int | None:
 
 
 def _detected_heads(net: Message) -> tuple[list[str], str]:
+    dense = class_layers.summary(net)   # detection/segmentation: every class-dependent layer, marked like heads
+    if dense is not None and dense[0]:
+        return dense
     try:
         return [head.name for head in heads.find_heads(net)], ""
     except NetError as error:
@@ -300,6 +303,23 @@ def looks_like_weights(path: Path | str) -> bool:
     except OSError:
         return False
     return b"\x00" in head or not head.decode("utf-8", "ignore").isprintable() and b"{" not in head
+
+
+def inspect_path(target: Path | str, weights_path: Path | str | None = None, *, phase: str = "TRAIN",
+                 no_pycaffe: bool = False, caffe: str | None = None) -> NetReport | WeightsReport:
+    """What `caffetune inspect` shows: a .caffemodel's listing, or a net's report (its shapes from the real Caffe
+    when pycaffe is installed and not refused, else inferred)."""
+    if looks_like_weights(target):
+        return inspect_weights(target)
+    use_pycaffe = not no_pycaffe and environment_has_pycaffe(caffe)
+    return inspect_net(target, weights_path, phase=phase, use_pycaffe=use_pycaffe, caffe=caffe)
+
+
+def rendered(report: NetReport | WeightsReport) -> tuple[object, list[str]]:
+    """(rich table, summary lines) of either report."""
+    if isinstance(report, WeightsReport):
+        return weights_table(report), weights_summary(report)
+    return net_table(report), net_summary(report)
 
 
 def shape_text(shape) -> str:

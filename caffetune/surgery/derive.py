@@ -35,11 +35,11 @@ def is_deploy(net: Message) -> bool:
 def input_shape(net: Message) -> tuple[str, list[int]]:
     """The deploy net's input blob and its shape (N, C, H, W)."""
     for layer in layers.all_layers(net):
-        if layers.type_name(layer) == "Input" and layer.top:
+        if layers.type_name(layer) == "Input" and layer.top and "input_param" in layer.DESCRIPTOR.fields_by_name:
             shapes = layer.input_param.shape
             return layer.top[0], list(shapes[0].dim) if shapes else []
     if net.input:
-        if net.input_shape:
+        if "input_shape" in net.DESCRIPTOR.fields_by_name and net.input_shape:   # older schemas lack it
             return net.input[0], list(net.input_shape[0].dim)
         return net.input[0], list(net.input_dim[:4])
     raise NetError("the net has no Input layer or input: fields", fix="pass a deploy net or a train_val net")
@@ -122,7 +122,8 @@ def train_val_from_deploy(net: Message, heads: list[Head], classes: int, data: D
     crop = dims[2] if len(dims) == 4 and dims[2] == dims[3] else None
     result = copy(net)
     for field in ("input", "input_shape", "input_dim"):
-        result.ClearField(field)
+        if field in result.DESCRIPTOR.fields_by_name:
+            result.ClearField(field)
     softmax_consumers = {name for head in heads for name in head.consumers}
     kept = [layer for layer in layers.all_layers(result) if layers.type_name(layer) != "Input"
             and not (layers.type_name(layer) == "Softmax" and layer.name in softmax_consumers)]
@@ -188,14 +189,31 @@ def deploy_from_train_val(net: Message, heads: list[Head]) -> Message:
         layer.ClearField("include")
         layer.ClearField("exclude")
     result = copy(net)
-    prob = _new_layer(result, "Softmax", "prob", [score], ["prob"])
-    body = _needed_layers(body + [prob], {"prob"})
-    if layers.is_v1(net):
-        result.input.append(blob)
-        result.input_dim.extend([1, channels, height, width])
+    existing = next((layer for layer in body if layers.type_name(layer) == "Softmax" and layer.top
+                     and list(layer.bottom[:1]) == [score]), None)
+    if existing is not None:     # the net's own Softmax on the scores stays the output (no second `prob`)
+        body = _needed_layers(body, {existing.top[0]})
+    else:
+        prob = _new_layer(result, "Softmax", "prob", [score], ["prob"])
+        body = _needed_layers(body + [prob], {"prob"})
+    dims = [1, channels, height, width]
+    layer_fields = result.DESCRIPTOR.fields_by_name["layer"].message_type.fields_by_name
+    if layers.is_v1(net) or "input_param" not in layer_fields:
+        _set_input_fields(result, blob, dims)
         _replace_layers(result, body)
     else:
         source_layer = _new_layer(result, "Input", blob, [], [blob])
-        source_layer.input_param.shape.add().dim.extend([1, channels, height, width])
+        source_layer.input_param.shape.add().dim.extend(dims)
         _replace_layers(result, [source_layer] + body)
     return result
+
+
+def _set_input_fields(net: Message, blob: str, dims: list[int]) -> None:
+    """The legacy deploy input (`input:` + `input_dim:`), for V1 nets and for fork schemas that predate the Input
+    layer; `input_shape {}` where the schema has it and the net is not V1 (what such forks read)."""
+    net.input.append(blob)
+    fields = net.DESCRIPTOR.fields_by_name
+    if not layers.is_v1(net) and "input_shape" in fields:
+        net.input_shape.add().dim.extend(dims)
+    else:
+        net.input_dim.extend(dims)

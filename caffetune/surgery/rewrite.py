@@ -22,6 +22,7 @@ is written instead and a note says so.
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -35,6 +36,7 @@ from caffetune.surgery import lr_policy
 from caffetune.surgery import derive
 from caffetune.model import prototxt
 from caffetune.model import textedit
+from caffetune.model import upgrade
 from caffetune.surgery import net_edits
 from caffetune.surgery import solver as solvers
 from caffetune.errors import NetError
@@ -59,6 +61,7 @@ class Options:
     data: DataOptions = DataOptions()
     solver: str | None = None                          # a solver path, "template", or None for no solver
     solver_options: solvers.SolverOptions = solvers.SolverOptions()
+    class_weights: tuple[float, ...] = ()              # per-class loss weights (SegNet's class_weighting), N values
 
 
 @dataclass
@@ -87,6 +90,36 @@ class Result:
                 "outputs": {role: {"canonical": out.canonical, "changed": out.text != out.original}
                             for role, out in self.outputs.items()},
                 "written": self.written}
+
+
+    def _before(self, role: str) -> tuple[str | None, str]:
+        """(the text an output replaces, its label): the file on disk when there is one, else the input."""
+        output, target = self.outputs[role], self.written.get(role)
+        if target and Path(target).is_file():
+            return Path(target).read_text(), target
+        return (None if target else output.original), output.source
+
+    def would_change(self) -> list[str]:
+        """The files a write would change (`rewrite --check`): the targets whose text differs, or the input when
+        nothing is written and its own rewrite differs."""
+        changed = []
+        for role, output in self.outputs.items():
+            target = self.written.get(role)
+            before, _ = self._before(role)
+            if before != output.text and (target or role == self.input_kind):
+                changed.append(target or output.source)
+        return changed
+
+    def diff(self) -> str:
+        """A unified diff of every output against what it replaces (`rewrite --diff`)."""
+        chunks = []
+        for role, output in self.outputs.items():
+            target = self.written.get(role)
+            before, label = self._before(role)
+            before = output.original if before is None else before
+            chunks += difflib.unified_diff(before.splitlines(True), output.text.splitlines(True), fromfile=label,
+                                           tofile=target or f"{role}.prototxt")
+        return "".join(chunks)
 
 
 def new_head_name(old: str, options: Options) -> str:
@@ -128,7 +161,22 @@ def _edit_heads(net: Message, found: list[Head], options: Options) -> tuple[Mess
         renames[head.name] = new
         net = net_edits.rename_layer(net, head.name, new)
         net = net_edits.set_num_output(net, new, options.classes)
+        net = _resize_score_reshapes(net, head, options.classes, notes)
     return net, renames, notes
+
+
+def _resize_score_reshapes(net: Message, head: Head, classes: int, notes: list[str]) -> Message:
+    """Reshape layers between a head and its consumers that spell out the class count (a segment consensus such
+    as TSN's `dim: [-1, 1, 3, 101]`) follow the new class count."""
+    result = net_edits.copy(net)
+    for layer in layers.all_layers(result):
+        if layer.name not in head.path or layers.type_name(layer) != "Reshape":
+            continue
+        dims = layer.reshape_param.shape.dim
+        if head.num_output in dims and head.num_output != classes:
+            dims[:] = [classes if dim == head.num_output else dim for dim in dims]
+            notes.append(f"{layer.name}: reshapes {head.name}'s scores; its class dimension is now {classes}")
+    return result
 
 
 def _init_new_heads(net: Message, renames: dict[str, str], notes: list[str]) -> Message:
@@ -144,7 +192,7 @@ def _render(role: str, original_text: str, original: Message, target: Message, s
     text = textedit.render(original_text, original, target)
     if text is None:
         notes.append(f"{role}: the layout of {source} could not be kept; wrote canonical prototxt")
-        return Output(role, textedit.to_text(target), original_text, source, canonical=True)
+        return Output(role, textedit.canonical(original_text, target), original_text, source, canonical=True)
     return Output(role, text, original_text, source)
 
 
@@ -186,7 +234,7 @@ def _derive_deploy(train_val: Message, new_heads: list[Head], notes: list[str]) 
     try:
         return derive.deploy_from_train_val(train_val, new_heads)
     except NetError as error:
-        notes.append(f"deploy: not written: {error.what} ({error.fix})")
+        notes.append(f"deploy: not written: {error.what}" + (f" ({error.fix})" if error.fix else ""))
         return None
 
 
@@ -231,13 +279,22 @@ def rewrite_text(text: str, options: Options, *, path: str = "<text>", solver_ne
     say = progress or (lambda line: None)
     if options.classes < 1:
         raise NetError(f"--classes {options.classes}: need at least 1 class")
-    original = prototxt.parse(text, path=path)
+    text, original, upgrade_notes = upgrade.read_net(text, path)   # V0 nets upgraded, mis-keyed layers read
     net = _parse_net(original, path, options)
     deploy_input = derive.is_deploy(net)
+    from caffetune.surgery import class_layers, dense_rewrite   # they import this module
+
+    analysis = class_layers.analyze(net, tuple(options.heads))  # detection/segmentation: every class layer
+    if analysis is not None:
+        result = dense_rewrite.rewrite_net(text, original, net, analysis, options, path=path,
+                                           solver_net_path=solver_net_path, progress=progress)
+        result.notes[:0] = upgrade_notes
+        return result
     found = heads_module.find_heads(net, names=list(options.heads) or None)
     say(f"heads: {', '.join(f'{h.name} ({h.type}, {h.num_output} outputs)' for h in found)}")
     edited, renames, notes = _edit_heads(net, found, options)
-    notes = _check_weights(list(renames.values()), renames, options.weights) + notes
+    edited = dense_rewrite.classifier_extras(edited, found, options, notes)   # center loss, class_weighting
+    notes = upgrade_notes + _check_weights(list(renames.values()), renames, options.weights) + notes
     if deploy_input:
         say("deploy-only net: building its train_val (Data layers, SoftmaxWithLoss, Accuracy)")
     train_val, deploy_net, plan = (_from_deploy if deploy_input else _from_train_val)(edited, renames, options,
@@ -255,7 +312,7 @@ def output_paths(net_path: Path, result_roles: list[str], input_kind: str, outpu
                  solver_path: str | None) -> dict[str, Path]:
     """Where each output goes; never the input unless in_place."""
     if in_place:
-        if input_kind == DEPLOY:
+        if input_kind == DEPLOY and TRAIN_VAL in result_roles:
             raise NetError(f"--in-place: {net_path} is a deploy net; its train_val is a new file",
                            fix="write the outputs with -o DIRECTORY")
         paths = {input_kind: net_path}
@@ -266,10 +323,10 @@ def output_paths(net_path: Path, result_roles: list[str], input_kind: str, outpu
         return {}
     target = Path(output)
     if target.suffix == ".prototxt" and not target.is_dir():
-        if SOLVER in result_roles or input_kind == DEPLOY:
+        if SOLVER in result_roles or (input_kind == DEPLOY and TRAIN_VAL in result_roles):
             raise NetError(f"-o {output}: several files are written ({', '.join(result_roles)})",
                            fix="give -o a directory")
-        paths = {TRAIN_VAL: target}
+        paths = {TRAIN_VAL if TRAIN_VAL in result_roles else result_roles[0]: target}
     else:
         paths = {role: target / f"{role}.prototxt" for role in result_roles}
     for role, path in paths.items():

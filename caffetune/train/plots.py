@@ -10,8 +10,9 @@ import matplotlib
 matplotlib.use("Agg")  # no display: runs on servers and in tests
 import matplotlib.pyplot as plt  # noqa: E402
 
-from caffetune.train.logparse import Record, is_accuracy  # noqa: E402
+from caffetune.errors import CaffetuneError  # noqa: E402
 from caffetune.files import write_atomic  # noqa: E402
+from caffetune.train.logparse import Record, is_accuracy, parse  # noqa: E402
 
 
 def series(records: list[Record], phase: str, name: str, net: int = 0) -> tuple[list[int], list[float]]:
@@ -74,3 +75,13 @@ def write_png(records: list[Record], path: Path | str, title: str = "") -> Path:
     plt.close(fig)
     write_atomic(path, buffer.getvalue())
     return Path(path)
+
+
+def plot_log(log: Path | str, output: Path | str | None = None) -> tuple[Path, list[Record]]:
+    """Curves of any caffe training log into a PNG (default: LOG.png): (the PNG, the records it drew)."""
+    with open(log, errors="replace") as lines:
+        records = parse(lines)
+    if not records:
+        raise CaffetuneError("no iteration, loss or test lines in this file", where=str(log),
+                             fix="pass the log of `caffe train` (its stderr, or GLOG's caffe.INFO file)")
+    return write_png(records, output or f"{log}.png", title=Path(log).name), records

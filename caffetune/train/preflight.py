@@ -1,9 +1,16 @@
 """Checks before `caffe train` starts: every known way a fine-tuning run fails late or silently learns nothing.
 
-`check(nets, weights=..., snapshot=..., install=...)` returns a `Report`: every problem found (all at once, each with
-its fix) and the facts worth printing (which layers are copied from the weights, which start from scratch).
-`Report.raise_for_problems()` raises PreflightError. Whether a net builds, and the exact blob shapes to compare with
-the weights, come from the real Caffe: pycaffe builds each net in a subprocess.
+`check(nets, weights=..., snapshot=..., install=..., roles=..., solver=...)` returns a `Report`: errors (`problems`:
+caffe would crash or the run cannot learn, so it does not start), `warnings` (very likely a mistake; the run starts
+unless strict) and the facts worth printing (which layers are copied from the weights, which start from scratch).
+`Report.raise_for_problems(strict=False)` raises PreflightError. docs/preflight.md lists every check with its level,
+why it matters, the fix and its cost. The checks live by topic:
+
+- checks_data: data layers against their datasets (one streaming pass each, data_scan);
+- checks_net: the nets (phases, Python layers, frozen layers, BatchNorm on batches of one);
+- checks_solver: the solver (testing, coverage, base_lr) and the files to start from;
+- checks_weights: the pretrained weights against the nets.
+Whether a net builds, and the exact blob shapes, come from the real Caffe: pycaffe builds each net in a subprocess.
 """
 from __future__ import annotations
 
@@ -17,262 +24,31 @@ from pathlib import Path
 from google.protobuf.message import Message
 
 from caffetune import files
-from caffetune.model import heads as heads_module
-from caffetune.model import layers
-from caffetune.data import lmdb_reader
-from caffetune.data import mean
-from caffetune.model import prototxt
-from caffetune.model import caffemodels as weights_module
-from caffetune.model import caffe_tools
+from caffetune.errors import PreflightError, Problem
+from caffetune.model import caffe_tools, prototxt
 from caffetune.model.caffe_tools import CaffeInstall
-from caffetune.errors import CaffetuneError, PreflightError, Problem
-
-RENAME_FIX = "rename it (a new layer name starts from scratch) or use `caffetune rewrite`"
+from caffetune.train import checks_data, checks_net, checks_solver, checks_weights
+from caffetune.train.checks_common import ERROR, Run
 
 
 @dataclass
 class Report:
-    problems: list[Problem] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)   # errors: the run does not start
+    warnings: list[Problem] = field(default_factory=list)   # likely mistakes: the run starts unless strict
     info: list[str] = field(default_factory=list)
     copied: list[str] = field(default_factory=list)      # learnable layers whose blobs come from the weights
     scratch: list[str] = field(default_factory=list)     # learnable layers initialised by their fillers
     param_shapes: dict = field(default_factory=dict)      # "file:PHASE" -> layer -> blob shapes (from pycaffe)
 
-    def raise_for_problems(self) -> None:
-        if self.problems:
-            raise PreflightError(self.problems)
+    def add(self, found: list[Problem]) -> None:
+        for problem in found:
+            (self.problems if problem.level == ERROR else self.warnings).append(problem)
 
-
-# --- the data --------------------------------------------------------------------------------------------------
-def _enum_name(message: Message, field_name: str) -> str:
-    value = getattr(message, field_name)
-    return message.DESCRIPTOR.fields_by_name[field_name].enum_type.values_by_number[value].name
-
-
-def database_kind(path: Path) -> str | None:
-    """"LMDB", "LEVELDB" or None, from the files a database folder holds."""
-    if (path / "data.mdb").is_file():
-        return "LMDB"
-    if (path / "CURRENT").is_file() or any(path.glob("*.ldb")):
-        return "LEVELDB"
-    return None
-
-
-def check_data_source(layer: Message, where: str) -> list[Problem]:
-    """A Data layer's source: it exists, it is the database's folder, and `backend` names its kind."""
-    source = Path(layer.data_param.source)
-    backend = _enum_name(layer.data_param, "backend")
-    if not layer.data_param.source:
-        return [Problem("the Data layer has no data_param.source", where, "set source to the LMDB folder")]
-    if not source.exists():
-        return [Problem(f"data source {source} does not exist", where,
-                        "build it with `caffetune build-lmdb`, or fix the path (caffe resolves relative paths "
-                        "from the folder it is started in)")]
-    if source.is_file():
-        folder = source.parent
-        return [Problem(f"data source {source} is a file inside the database, not the database", where,
-                        f'set source: "{folder}" (the folder that holds {source.name})')]
-    kind = database_kind(source)
-    if kind is None:
-        return [Problem(f"data source {source} is neither an LMDB nor a LevelDB folder", where,
-                        "point source at the folder `caffetune build-lmdb` or convert_imageset wrote")]
-    if kind != backend:
-        default = " (the default when backend is not set)" if not layer.data_param.HasField("backend") else ""
-        return [Problem(f"data source {source} is a {kind} database but backend is {backend}{default}", where,
-                        f"add `backend: {kind}` to data_param")]
-    return []
-
-
-def check_image_list(layer: Message, where: str) -> list[Problem]:
-    """An ImageData layer's list file exists and its first images exist under root_folder."""
-    params = layer.image_data_param
-    source = Path(params.source)
-    if not source.is_file():
-        return [Problem(f"image list {source} does not exist", where,
-                        "write the list (`caffetune build-lmdb` writes train.txt/val.txt) or fix the path")]
-    lines = [line.strip() for line in source.read_text(errors="replace").splitlines()[:20] if line.strip()]
-    if not lines:
-        return [Problem(f"image list {source} is empty", where, "list `path label` lines, one per image")]
-    missing = [line.rsplit(" ", 1)[0] for line in lines if not Path(params.root_folder + line.rsplit(" ", 1)[0])
-               .is_file()]
-    if missing:
-        return [Problem(f"{len(missing)} of the first {len(lines)} images of {source} do not exist under root_folder "
-                        f'"{params.root_folder}" (e.g. {params.root_folder}{missing[0]})', where,
-                        "set image_data_param.root_folder to the folder the list's paths are relative to (with a "
-                        "trailing /)")]
-    return []
-
-
-def _summarize(source: Path, where: str) -> tuple[lmdb_reader.DbSummary | None, list[Problem]]:
-    try:
-        return lmdb_reader.summarize(source), []
-    except CaffetuneError as error:
-        return None, [Problem(f"cannot read the database: {error.what}", where, error.fix or "")]
-
-
-def check_labels(summary, head_list: list, where: str, source: Path) -> list[Problem]:
-    """Every label must lie in 0..num_output-1 of every head (Caffe only checks this in debug builds)."""
-    problems = []
-    if not summary.label_histogram:
-        return [Problem(f"the database {source} is empty", where, "rebuild it from a non-empty image folder")]
-    low, high = min(summary.label_histogram), max(summary.label_histogram)
-    for head in head_list:
-        if low < 0 or high > head.num_output - 1:
-            bad = sorted(label for label in summary.label_histogram if label < 0 or label >= head.num_output)
-            shown = ", ".join(map(str, bad[:8])) + (" ..." if len(bad) > 8 else "")
-            problems.append(Problem(
-                f"labels {shown} in {source} are outside 0..{head.num_output - 1}: head {head.name} has "
-                f"num_output {head.num_output} but the data has {high + 1} classes", where,
-                f"set {head.name}'s num_output to {high + 1} (`caffetune rewrite --classes {high + 1}`) or "
-                "rebuild the database with labels 0..N-1"))
-    return problems
-
-
-def check_transform(layer: Message, summary, where: str) -> list[Problem]:
-    """mean file / mean values against the stored images' (C, H, W); crop against the image size."""
-    channels, height, width = summary.shape
-    params = layer.transform_param
-    problems = []
-    if params.mean_file and len(params.mean_value):
-        problems.append(Problem("transform_param has both mean_file and mean_value", where,
-                                "keep one of them (Caffe refuses both)"))
-    if params.mean_file:
-        problems += _check_mean_file(Path(params.mean_file), (channels, height, width), where)
-    if len(params.mean_value) not in (0, 1, channels):
-        problems.append(Problem(f"{len(params.mean_value)} mean_value entries for {channels}-channel images", where,
-                                f"give 1 or {channels} mean_value entries"))
-    crop = params.crop_size
-    if crop and (crop > height or crop > width):
-        problems.append(Problem(f"crop_size {crop} is larger than the stored images ({height}x{width})", where,
-                                f"use crop_size <= {min(height, width)}, or rebuild the database with "
-                                f"`caffetune build-lmdb --resize {crop + 29}` or larger"))
-    return problems
-
-
-def _check_mean_file(path: Path, shape: tuple[int, int, int], where: str) -> list[Problem]:
-    if not path.is_file():
-        return [Problem(f"mean file {path} does not exist", where, "compute it with `caffetune build-lmdb` (it "
-                                                                    "writes mean.binaryproto) or compute_image_mean")]
-    try:
-        mean_shape = tuple(mean.load(path).shape)
-    except CaffetuneError as error:
-        return [Problem(f"mean file {path} is unreadable: {error.what}", where, error.fix or "")]
-    if mean_shape != tuple(shape):
-        return [Problem(f"mean file {path} is {_chw(mean_shape)} but the stored images are {_chw(shape)}", where,
-                        "recompute the mean from this database (`caffetune build-lmdb` or compute_image_mean), or "
-                        "use mean_value with per-channel values")]
-    return []
-
-
-def _chw(shape) -> str:
-    return f"{shape[0]}x{shape[1]}x{shape[2]} (CxHxW)"
-
-
-def _first_conv_after(net: Message, blob: str) -> Message | None:
-    for layer in layers.all_layers(net):
-        if blob in layer.bottom and layers.type_name(layer) == "Convolution":
-            return layer
-    return None
-
-
-def check_channels(net: Message, layer: Message, summary, pretrained: dict, where: str) -> list[Problem]:
-    """Gray data into a conv1 trained on color (or the reverse): the pretrained weights fix the channel count."""
-    conv = _first_conv_after(net, layer.top[0]) if layer.top else None
-    if conv is None or conv.name not in pretrained or not pretrained[conv.name]:
-        return []
-    shape = pretrained[conv.name][0].shape
-    group = conv.convolution_param.group or 1
-    expected = shape[1] * group if len(shape) == 4 else None
-    channels = summary.shape[0]
-    if expected is None or expected == channels:
-        return []
-    kind = "gray" if channels == 1 else f"{channels}-channel"
-    return [Problem(f"the data is {kind} ({channels} channel(s)) but {conv.name}'s pretrained weights expect "
-                    f"{expected} channels", where,
-                    "rebuild the database in color (`caffetune build-lmdb` without --gray)" if channels == 1 and
-                    expected == 3 else f"rebuild the database with {expected} channels")]
-
-
-# --- the net ---------------------------------------------------------------------------------------------------
-def _heads(net: Message) -> list:
-    try:
-        return heads_module.find_heads(net)
-    except CaffetuneError:
-        return heads_module.traced_heads(net)
-
-
-def check_accuracy_top_k(net: Message, where: str) -> list[Problem]:
-    """Accuracy's top_k may not exceed the class count of the scores it reads."""
-    classes = {consumer: head for head in heads_module.traced_heads(net) for consumer in head.consumers}
-    problems = []
-    for layer in layers.all_layers(net):
-        head = classes.get(layer.name)
-        if layers.type_name(layer) != "Accuracy" or head is None:
-            continue
-        top_k = layer.accuracy_param.top_k
-        if top_k > head.num_output:
-            problems.append(Problem(f"Accuracy layer {layer.name} has top_k {top_k} but {head.name} scores only "
-                                    f"{head.num_output} classes", f"{where}: {layer.name}",
-                                    f"set accuracy_param.top_k <= {head.num_output} (or drop the top-{top_k} "
-                                    "accuracy layer)"))
-    return problems
-
-
-def _legacy(shape) -> tuple:
-    return weights_module.legacy_shape(tuple(shape)) or tuple(shape)
-
-
-def _blob_matches(blob, target) -> bool:
-    return weights_module.shape_matches(blob, tuple(target)) or _legacy(blob.shape) == _legacy(target)
-
-
-def check_weights(net: Message, pretrained: dict, built: dict | None, where: str, report: Report) -> list[Problem]:
-    """Same-named layers must agree in blob count and shapes, or Caffe stops while copying the weights."""
-    problems = []
-    for layer in layers.all_layers(net):
-        count = len(built[layer.name]) if built and layer.name in built else layers.learnable_blob_count(layer)
-        if count == 0:
-            continue
-        blobs = pretrained.get(layer.name)
-        if blobs is None:
-            report.scratch.append(layer.name)
-            continue
-        problem = _compare_layer(layer, blobs, count, built.get(layer.name) if built else None, where)
-        if problem:
-            problems.append(problem)
-        else:
-            report.copied.append(layer.name)
-    return problems
-
-
-def _compare_layer(layer: Message, blobs: list, count: int, shapes: list | None, where: str) -> Problem | None:
-    kind = layers.type_name(layer)
-    if len(blobs) != count:
-        why = "bias_term differs" if kind in ("Convolution", "InnerProduct", "Deconvolution", "Scale") else (
-            "BatchNorm variants differ (Caffe's BatchNorm has 3 blobs; a fused BatchNorm+Scale has more)"
-            if kind in ("BatchNorm", "Scale") else "the layer types differ")
-        return Problem(f"layer {layer.name} has {len(blobs)} blob(s) in the weights but {count} in the net ({why}); "
-                       f"caffe would stop with 'Incompatible number of blobs'", f"{where}: {layer.name}", RENAME_FIX)
-    for index, (blob, target) in enumerate(zip(blobs, shapes or [])):
-        if not _blob_matches(blob, target):
-            return Problem(f"layer {layer.name} blob {index} has shape {tuple(blob.shape)} in the weights but "
-                           f"{tuple(target)} in the net", f"{where}: {layer.name}", RENAME_FIX)
-    return None
-
-
-def read_pretrained(paths: list[Path]) -> tuple[dict, list[Problem]]:
-    """Layer name -> blobs of the weights; with several files, later ones win as in Caffe's sequential copy."""
-    merged, problems = {}, []
-    for path in paths:
-        if not Path(path).is_file():
-            problems.append(Problem(f"weights file {path} does not exist", str(path),
-                                    "check the path of the .caffemodel"))
-            continue
-        try:
-            merged.update({record.name: record.blobs for record in weights_module.read_layers(path)})
-        except CaffetuneError as error:
-            problems.append(Problem(error.what, str(path), error.fix or "pass a .caffemodel written by Caffe"))
-    return merged, problems
+    def raise_for_problems(self, strict: bool = False) -> None:
+        """PreflightError with the errors (and, when strict, the warnings)."""
+        blocking = self.problems + (self.warnings if strict else [])
+        if blocking:
+            raise PreflightError(blocking)
 
 
 # --- building with the real Caffe -------------------------------------------------------------------------------
@@ -299,19 +75,15 @@ def build_with_caffe(install: CaffeInstall, net_file: Path, phase: str, timeout:
     return None, (fatal or lines or [f"exit status {result.returncode}"])[-1]
 
 
-def _phases_of(field_name: str) -> list[str]:
-    return {"net": ["TRAIN", "TEST"], "train_net": ["TRAIN"], "test_net": ["TEST"]}.get(field_name, ["TRAIN", "TEST"])
-
-
-def check_builds(install: CaffeInstall, nets: dict[str, Message], roles: dict[str, str], report: Report) -> list:
-    """Build every net in the phases caffe will build it; collects the param shapes for the weight check."""
+def check_builds(install: CaffeInstall, run: Run, report: Report) -> list[Problem]:
+    """Build every net in the phases caffe will build it; collects the param shapes for the later checks."""
     problems = []
     with tempfile.TemporaryDirectory(prefix="caffetune-preflight-") as tmp:
-        for name, net in nets.items():
+        for name, net in run.nets.items():
             path = Path(tmp) / name
             files.write_atomic(path, prototxt.format(net))
             failed: dict[str, list[str]] = {}
-            for phase in _phases_of(roles.get(name, "net")):
+            for phase in run.phases(name):
                 shapes, error = build_with_caffe(install, path, phase)
                 if error:
                     failed.setdefault(caffe_tools.strip_glog_prefix(error), []).append(phase)
@@ -319,73 +91,40 @@ def check_builds(install: CaffeInstall, nets: dict[str, Message], roles: dict[st
                     report.param_shapes[f"{name}:{phase}"] = shapes
             problems += [Problem(f"caffe cannot build the {' and '.join(phases)} net: {error}", name,
                                  "fix the layer named in caffe's message") for error, phases in failed.items()]
+    run.param_shapes = report.param_shapes
     return problems
 
 
 # --- all together -----------------------------------------------------------------------------------------------
-def check_net_data(net: Message, name: str, pretrained: dict) -> list[Problem]:
-    """The data layers of one net: source, backend, labels, mean, crop, channels."""
-    problems = []
-    head_list = _heads(net)
-    for layer in layers.all_layers(net):
-        where = f"{name}: {layer.name} ({'/'.join(sorted(layers.phases(layer)))})"
-        if layers.type_name(layer) == "ImageData":
-            problems += check_image_list(layer, where)
-        if layers.type_name(layer) not in layers.LMDB_DATA_TYPES:
-            continue
-        found = check_data_source(layer, where)
-        problems += found
-        if found or database_kind(Path(layer.data_param.source)) != "LMDB":
-            continue
-        summary, unreadable = _summarize(Path(layer.data_param.source), where)
-        problems += unreadable
-        if summary is None:
-            continue
-        problems += check_labels(summary, head_list, where, Path(layer.data_param.source))
-        if summary.count:
-            problems += check_transform(layer, summary, where)
-            problems += check_channels(net, layer, summary, pretrained, where)
-    return problems
-
-
-def _merged_shapes(report: Report, name: str) -> dict:
-    merged = {}
-    for key, shapes in report.param_shapes.items():
-        if key.split(":")[0] == name:
-            merged.update(shapes)
-    return merged
-
-
 def check(nets: dict[str, Message], *, weights: list[Path] = (), snapshot: Path | None = None,
-          install: CaffeInstall | None = None, roles: dict[str, str] | None = None) -> Report:
+          install: CaffeInstall | None = None, roles: dict[str, str] | None = None,
+          solver: Message | None = None) -> Report:
     """Every check on the nets of a run (file name -> net, paths absolute). `roles`: file name -> "net",
-    "train_net" or "test_net", for the phases to build. Without `install` nothing is built."""
+    "train_net" or "test_net", for the phases to build. `solver`: the SolverParameter, for the solver checks.
+    Without `install` nothing is built and Python layers are not imported."""
     report = Report()
-    if snapshot and weights:
-        report.problems.append(Problem("both a snapshot and weights are given", str(snapshot),
-                                       "use --snapshot to continue a run, or --weights to fine-tune; caffe refuses "
-                                       "both"))
-    if snapshot and not Path(snapshot).is_file():
-        report.problems.append(Problem(f"snapshot {snapshot} does not exist", str(snapshot),
-                                       "pass a .solverstate written by caffe (runs/<name>/snapshots/), or use "
-                                       "`caffetune run --resume runs/<name>`"))
-    pretrained, problems = read_pretrained(list(weights))
-    report.problems += problems
-    for name, net in nets.items():
-        report.problems += check_net_data(net, name, pretrained)
-        report.problems += check_accuracy_top_k(net, name)
+    run = Run(nets=dict(nets), roles=dict(roles or {}), solver=solver, weights=[Path(w) for w in weights])
+    report.add(checks_solver.check_start_files(run.weights, snapshot))
+    readable = [w for w in run.weights if not (w.is_file() and checks_solver.file_kind(w) == "solverstate")]
+    run.pretrained, found = checks_weights.read_pretrained(readable)   # a .solverstate is reported above
+    report.add(found)
+    report.add(checks_data.check_data(run))
+    for name, net in run.nets.items():
+        report.add(checks_net.check_accuracy_top_k(net, name))
+    report.add(checks_net.check_frozen(run))
+    report.add(checks_net.check_batch_norm(run))
+    report.add(checks_solver.check_solver(run))
+    if install is not None:
+        report.add(checks_net.check_python_layers(run, install))
     if install is not None and not report.problems:
-        report.problems += check_builds(install, nets, roles or {}, report)
-    if pretrained:
-        for name, net in nets.items():
-            report.problems += check_weights(net, pretrained, _merged_shapes(report, name) or None, name, report)
-        report.info += _copy_summary(report, list(weights))
+        report.add(check_builds(install, run, report))
+    report.add(checks_net.check_phase_definitions(run))
+    if run.pretrained:
+        found, report.copied, report.scratch = checks_weights.check_copy(run)
+        report.add(found)
+        report.add(checks_weights.check_constant_weights(run, report.copied))
+        report.add(checks_weights.check_head_kept(run, report.copied))
+        source = ", ".join(Path(w).name for w in run.weights)
+        report.info += [f"copied from {source}: {', '.join(report.copied) or 'no layer'}",
+                        f"from scratch (fillers): {', '.join(report.scratch) or 'no layer'}"]
     return report
-
-
-def _copy_summary(report: Report, weights: list[Path]) -> list[str]:
-    copied, scratch = list(dict.fromkeys(report.copied)), list(dict.fromkeys(report.scratch))
-    report.copied, report.scratch = copied, scratch
-    source = ", ".join(Path(w).name for w in weights)
-    return [f"copied from {source}: {', '.join(copied) or 'no layer'}",
-            f"from scratch (fillers): {', '.join(scratch) or 'no layer'}"]

@@ -19,6 +19,7 @@ from caffetune import files
 from caffetune.model import heads as heads_module
 from caffetune.model import layers
 from caffetune.surgery import lr_policy
+from caffetune.train import run_dir as run_files
 from caffetune.train import runner
 from caffetune.errors import NetError, RunError
 
@@ -80,7 +81,7 @@ def _write_overall_best(root: Path, results: list[runner.RunResult]) -> None:
     if not ranked:
         return
     best = max(ranked, key=lambda r: r.best_accuracy)
-    runner._copy_atomic(best.best, root / "best.caffemodel")
+    run_files.copy_atomic(best.best, root / "best.caffemodel")
     info = json.loads((best.run_dir / "best.json").read_text()) | {"stage": best.run_dir.name}
     files.write_atomic(root / "best.json", json.dumps(info, indent=2) + "\n")
 

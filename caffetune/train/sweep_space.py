@@ -342,3 +342,23 @@ def check_nets(nets: dict[str, Message], space: SearchSpace) -> None:
         for net in nets.values():
             if any(layers.learnable_blob_count(layer) for layer in layers.all_layers(net)):
                 new_layers(net)   # raises NetError when the net has no head to keep trainable
+
+
+def parse_fixed(text: str, space: SearchSpace) -> dict:
+    """`--try base_lr=0.01,freeze_through=none`: a trial to run first, its values inside the space."""
+    by_name = {param.name: param for param in space.params}
+    values = {}
+    for part in (p for p in text.split(",") if p.strip()):
+        name, equals, raw = part.partition("=")
+        name = name.strip()
+        if not equals or name not in by_name:
+            raise SweepError(f"--try {text}: {name or part!r} is not one of the swept parameters", where=text,
+                             fix=f"NAME=VALUE,... with NAME among {', '.join(by_name)}")
+        param = by_name[name]
+        value = _convert(name, raw, value_type(name), text)
+        inside = value in param.choices if param.kind == "choice" else param.low <= value <= param.high
+        if not inside:
+            raise SweepError(f"--try {name}={raw}: outside the space ({param.spec()})", where=text,
+                             fix="try a value the --param allows")
+        values[name] = value
+    return values

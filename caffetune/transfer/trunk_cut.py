@@ -109,13 +109,14 @@ def phase_cut(net: Message, phase: str, allowed: set[str] | None = None) -> Phas
     """The trunk and the cut of one phase. `allowed`: only these layers may join the trunk (TEST follows TRAIN)."""
     layers = phase_layers(net, phase)
     data = _data_layer(layers, phase)
+    data_index = next(i for i, layer in enumerate(layers) if layer.name == data.name and is_data_layer(layer))
     later = _read_later(layers)
     from_trunk: dict[str, bool] = {}
     read_by_top: set[str] = set()
     trunk, cut = [], []
     for index, layer in enumerate(layers):
         if is_data_layer(layer):
-            from_trunk.update({top: layer is data for top in layer.top})
+            from_trunk.update({top: index == data_index for top in layer.top})
             continue
         feeds = any(top in later[index] for top in layer.top)
         eligible = (all(from_trunk.get(blob, False) for blob in layer.bottom) and is_frozen(layer, phase)

@@ -1,4 +1,5 @@
-"""Issue 5: every preflight fault is seeded and caught, with its own message, before caffe starts."""
+"""Preflight basics: sources, labels, weight shapes, mean, crop, channels, top_k, snapshot; every problem at once,
+before caffe starts. (The families of docs/preflight.md have their own files beside this one.)"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,13 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import save_random_weights, write_tiny_classifier, write_tiny_lmdb
 
-from caffetune.train import preflight
-from caffetune.model import prototxt
-from caffetune.model import schema
 from caffetune.cli import cli
 from caffetune.errors import PreflightError
-from helpers import save_random_weights, write_tiny_classifier, write_tiny_lmdb
+from caffetune.model import prototxt, schema
+from caffetune.train import preflight
 
 PRETRAINED = """name: "pretrained"
 layer {{ name: "data" type: "Input" top: "data" input_param {{ shape {{ dim: 1 dim: {channels} dim: 8 dim: 8 }} }} }}
@@ -54,7 +54,7 @@ def _only(report: preflight.Report) -> str:
 
 
 def test_a_clean_net_passes_and_reports_what_is_copied(tiny, caffe_install, tmp_path):
-    folder, net, _ = tiny
+    _, net, _ = tiny
     weights = _weights(caffe_install, tmp_path, "renamed_head", fc="fc_old")
     report = _check(_net(net), caffe_install, weights=[weights])
     assert report.problems == []
@@ -133,10 +133,9 @@ def test_mean_file_of_another_size(tiny, tmp_path):
 
 def test_crop_larger_than_the_images(tiny):
     _, net, _ = tiny
-    broken = _net(net, ("transform_param { scale: 0.00390625 } }\nlayer { name: \"data\" type: \"Data\" top: "
-                        "\"data\" top: \"label\" include { phase: TEST }",
-                        "transform_param { scale: 0.00390625 crop_size: 12 } }\nlayer { name: \"data\" type: "
-                        "\"Data\" top: \"data\" top: \"label\" include { phase: TEST }"))
+    test_layer = '\nlayer { name: "data" type: "Data" top: "data" top: "label" include { phase: TEST }'
+    broken = _net(net, ("transform_param { scale: 0.00390625 } }" + test_layer,
+                        "transform_param { scale: 0.00390625 crop_size: 12 } }" + test_layer))
     assert "crop_size 12 is larger than the stored images (8x8)" in _only(_check(broken))
 
 
@@ -167,7 +166,7 @@ def test_snapshot_and_weights_together(tiny, caffe_install, tmp_path):
 
 
 def test_every_problem_is_reported_at_once_and_caffe_never_starts(tiny, tmp_path):
-    folder, net, solver = tiny
+    _, net, solver = tiny
     text = net.read_text().replace("train_lmdb", "missing_lmdb").replace('test_lmdb" backend: LMDB', 'test_lmdb"')
     text = text.replace('top: "accuracy" include', 'top: "accuracy" accuracy_param { top_k: 9 } include')
     bad_net = tmp_path / "bad.prototxt"
@@ -191,6 +190,35 @@ def test_image_data_list_whose_images_are_not_under_root_folder(tmp_path):
     net = prototxt.parse(f'layer {{ name: "data" type: "ImageData" top: "data" top: "label" image_data_param {{ '
                          f'source: "{listing}" root_folder: "{tmp_path}/photos/" batch_size: 2 }} }}')
     message = _only(_check(net))
-    assert "1 of the first 2 images" in message and "cat/2.jpg" in message
+    assert "1 of the 2 images listed in" in message and f"{listing}:2: {tmp_path}/photos/cat/2.jpg" in message
     net.layer[0].image_data_param.source = str(tmp_path / "nope.txt")
     assert "image list" in _only(_check(net)) and "does not exist" in _only(_check(net))
+
+
+def _no_test_iter(folder: Path) -> Path:
+    """The tiny setup with a TEST phase but no test_iter: a warning (caffe would never test)."""
+    _net_file, solver = write_tiny_classifier(folder, max_iter=2)
+    solver.write_text(solver.read_text().replace("test_iter: 2\ntest_interval: 10\n", ""))
+    return solver
+
+
+def test_warnings_are_shown_and_the_run_starts(tmp_path):
+    solver = _no_test_iter(tmp_path / "data")
+    result = CliRunner().invoke(cli, ["run", "--solver", str(solver), "--runs-dir", str(tmp_path / "runs"),
+                                      "--name", "warned"])
+    assert result.exit_code == 0, result.output
+    assert "warning:" in result.output and "so caffe never tests" in result.output
+    assert (tmp_path / "runs" / "warned" / "caffe.log").is_file()
+
+
+def test_strict_turns_warnings_into_errors_and_no_preflight_skips_everything(tmp_path):
+    solver = _no_test_iter(tmp_path / "data")
+    runs = tmp_path / "runs"
+    result = CliRunner().invoke(cli, ["run", "--solver", str(solver), "--runs-dir", str(runs), "--strict"])
+    assert result.exit_code == 1 and isinstance(result.exception, PreflightError)
+    assert str(result.exception).startswith("0 error(s) and 1 warning(s) (--strict) found before launching caffe")
+    assert result.exception.problems[0].level == "warning" and not runs.exists()
+    result = CliRunner().invoke(cli, ["run", "--solver", str(solver), "--runs-dir", str(runs), "--strict",
+                                      "--no-preflight", "--name", "unchecked"])
+    assert result.exit_code == 0, result.output
+    assert "never tests" not in result.output and (runs / "unchecked" / "caffe.log").is_file()

@@ -1,0 +1,155 @@
+"""Preflight checks of the pretrained weights against the nets: what caffe copies, and whether it is worth copying.
+
+- same-named layers must agree in blob count and shapes, or caffe stops while copying;
+- weights that are constant (all zero: saved from a net without fillers) cannot be fine-tuned;
+- a head that kept its pretrained name and size while the data has fewer classes: the old class weights are copied
+  silently and the softmax keeps the old classes.
+Blob values are read only for the weight blob of each copied Convolution/InnerProduct/Deconvolution layer, as a
+zero-copy view of the .caffemodel (one min/max pass over it).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from google.protobuf.message import Message
+
+from caffetune.errors import CaffetuneError, Problem
+from caffetune.model import caffemodels, layers
+from caffetune.model import heads as heads_module
+from caffetune.train.checks_common import Run, error, warning
+
+RENAME_FIX = "rename it (a new layer name starts from scratch) or use `caffetune rewrite`"
+_FILTER_TYPES = ("Convolution", "InnerProduct", "Deconvolution")
+
+
+def read_pretrained(paths: list[Path]) -> tuple[dict, list[Problem]]:
+    """Layer name -> blobs of the weights; with several files, later ones win as in Caffe's sequential copy."""
+    merged, problems = {}, []
+    for path in paths:
+        if not Path(path).is_file():
+            problems.append(error(f"weights file {path} does not exist", str(path), "check the path of the .caffemodel"))
+            continue
+        try:
+            merged.update({record.name: record.blobs for record in caffemodels.read_layers(path)})
+        except CaffetuneError as failure:
+            problems.append(error(failure.what, str(path), failure.fix or "pass a .caffemodel written by Caffe"))
+    return merged, problems
+
+
+def _legacy(shape) -> tuple:
+    return caffemodels.legacy_shape(tuple(shape)) or tuple(shape)
+
+
+def _blob_matches(blob, target) -> bool:
+    return caffemodels.shape_matches(blob, tuple(target)) or _legacy(blob.shape) == _legacy(target)
+
+
+def _merged_shapes(run: Run, name: str) -> dict:
+    merged = {}
+    for key, found in run.param_shapes.items():
+        if key.split(":")[0] == name:
+            merged.update(found)
+    return merged
+
+
+def check_copy(run: Run) -> tuple[list[Problem], list[str], list[str]]:
+    """(problems, layers copied from the weights, learnable layers initialised by their fillers)."""
+    problems, copied, scratch = [], [], []
+    for name, net in run.nets.items():
+        built = _merged_shapes(run, name) or None
+        for layer in layers.all_layers(net):
+            count = len(built[layer.name]) if built and layer.name in built else layers.learnable_blob_count(layer)
+            if count == 0:
+                continue
+            blobs = run.pretrained.get(layer.name)
+            if blobs is None:
+                scratch.append(layer.name)
+                continue
+            problem = _compare_layer(layer, blobs, count, built.get(layer.name) if built else None, name)
+            if problem:
+                problems.append(problem)
+            else:
+                copied.append(layer.name)
+    return problems, list(dict.fromkeys(copied)), list(dict.fromkeys(scratch))
+
+
+def _compare_layer(layer: Message, blobs: list, count: int, shapes: list | None, name: str) -> Problem | None:
+    kind = layers.type_name(layer)
+    where = f"{name}: layer {layer.name}"
+    if len(blobs) != count:
+        why = "bias_term differs" if kind in ("Convolution", "InnerProduct", "Deconvolution") else (
+            "BatchNorm variants differ (Caffe's BatchNorm has 3 blobs; a fused BatchNorm+Scale has more)"
+            if kind in ("BatchNorm", "Scale") else "the layer types differ")
+        return error(f"layer {layer.name} has {len(blobs)} blob(s) in the weights but {count} in the net ({why}); "
+                     "caffe would stop with 'Incompatible number of blobs'", where, RENAME_FIX)
+    for index, (blob, target) in enumerate(zip(blobs, shapes or [])):
+        if not _blob_matches(blob, target):
+            return error(f"layer {layer.name} blob {index} has shape {tuple(blob.shape)} in the weights but "
+                         f"{tuple(target)} in the net", where, RENAME_FIX)
+    return None
+
+
+# --- are the weights trained? ---------------------------------------------------------------------------------
+def constant_blobs(paths: list[Path], names: set[str]) -> dict[str, float | None]:
+    """Layer name -> the constant value of its weight blob (None when it varies), for the layers in `names`;
+    later files win, as in Caffe's copy."""
+    found: dict[str, float | None] = {}
+    for path in paths:
+        try:
+            with caffemodels.Caffemodel(path) as model:
+                for record in model.layers():
+                    if record.name not in names or not record.blobs or not record.blobs[0].dtype:
+                        continue
+                    values = model.array(record.blobs[0])
+                    if values.size < 2:
+                        continue
+                    low, high = float(values.min()), float(values.max())
+                    found[record.name] = low if low == high else None
+        except (CaffetuneError, OSError):
+            continue  # read_pretrained has reported it
+    return found
+
+
+def check_constant_weights(run: Run, copied: list[str]) -> list[Problem]:
+    """Copied filter weights that are all one value: every filter of the layer gets the same gradient and stays
+    equal to the others (and zero weights pass no gradient to the layers below)."""
+    kinds = {layer.name: layers.type_name(layer) for net in run.nets.values() for layer in layers.all_layers(net)}
+    names = {name for name in copied if kinds.get(name) in _FILTER_TYPES}
+    if not names:
+        return []
+    found = constant_blobs(run.weights, names)
+    constant = {name: value for name, value in found.items() if value is not None}
+    if not constant:
+        return []
+    shown = ", ".join(f"{name} (all {value:g})" for name, value in list(constant.items())[:6])
+    files = ", ".join(Path(w).name for w in run.weights)
+    why = ("the filters of such a layer are all equal and receive equal gradients, so they stay equal; zero weights "
+           "also pass no gradient to the layers below")
+    if len(constant) == len(found):
+        return [error(f"the weights in {files} are not trained: every copied weight blob is constant ({shown})",
+                      files, "pass the trained .caffemodel (this one looks saved from a net built without weight "
+                             "fillers, before training)", why)]
+    return [warning(f"{len(constant)} of the {len(found)} copied layers have constant weights: {shown}", files,
+                    "check that this .caffemodel is the trained one; rename these layers to start them from their "
+                    "fillers", why)]
+
+
+def check_head_kept(run: Run, copied: list[str]) -> list[Problem]:
+    """A head copied from the weights (same name and size) while the training labels use fewer classes."""
+    problems = []
+    for name, net in run.nets.items():
+        scan = run.scan_for(name, "TRAIN") if "TRAIN" in run.phases(name) else None
+        if scan is None or not scan.labels:
+            continue
+        classes = max(scan.labels) + 1
+        for head in heads_module.traced_heads(net):
+            if head.name in copied and head.num_output > classes:
+                problems.append(warning(
+                    f"head {head.name} kept its pretrained name and size ({head.num_output} classes), so its "
+                    f"pretrained class weights are copied, but the training data has {classes} classes",
+                    f"{name}: layer {head.name}",
+                    f"rename the head and set num_output {classes}: `caffetune rewrite --classes {classes} --name "
+                    "NEW`",
+                    f"the softmax keeps {head.num_output - classes} classes no image has, which the net still "
+                    "predicts at first, and the new classes start from old classes' weights"))
+    return problems

@@ -1,0 +1,411 @@
+"""`caffetune sweep`: a hyperparameter search over real fine-tuning runs, on Optuna.
+
+    runs/<name>/
+      study.db                    the Optuna study (default storage: sqlite:///runs/<name>/study.db)
+      trial-NNNN/                 one ordinary `caffetune run` directory per trial (nets, solver, caffe.log, ...)
+      sweep.csv, best.json,       written by sweep_results after every trial: the table, the best trial and
+      best.caffemodel             its weights
+      history.png, importance.png the optimisation history and the parameter importances
+
+The study is the engine: several processes (on one machine or many, with a PostgreSQL storage) that run the same
+sweep share it, and each stops once the study holds `trials` finished trials (complete, pruned, or failed with an
+error of their own). Each process records a heartbeat for its running trial; a trial whose process died is marked
+failed by the next process to look, and its parameters are queued again, so running the same command again
+continues the sweep.
+
+Each test pass of a trial is reported to Optuna; with pruning (median pruner) a hopeless trial is stopped the way
+Ctrl-C stops a run (caffe snapshots and stops) and keeps its run directory. A trial whose loss diverges (the run's
+watchdog) counts as pruned too.
+"""
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import optuna
+import sqlalchemy.exc
+from optuna.trial import TrialState
+
+from caffetune import files
+from caffetune.errors import RunError, SweepError
+from caffetune.model import caffe_tools
+from caffetune.model import prototxt
+from caffetune.train import preflight
+from caffetune.train import runner
+from caffetune.train import sweep_results
+from caffetune.train import sweep_space
+from caffetune.train.logparse import Record, main_accuracy
+from caffetune.train.sweep_space import SearchSpace
+
+STUDY_FILE = "study.db"
+CONFIG_ATTR = "caffetune_sweep"      # study user attribute: what the sweep searches and optimises
+ERROR_ATTR = "error"                 # trial user attribute of a trial that failed on its own (counts as finished)
+MAIN_ACCURACY = "accuracy"           # the default metric: the run's main accuracy (as best.caffemodel ranks)
+STAGING = ".staging"                 # runs/<name>/.staging/: a trial's solver until its run directory is written
+
+
+class SweepInterrupted(SweepError):
+    """Ctrl-C during a sweep: the running trial was snapshotted and stopped, its parameters queued again."""
+
+    exit_code = 130
+
+
+@dataclass
+class SweepOptions:
+    solver: Path
+    name: str
+    space: SearchSpace
+    trials: int                                   # the study's total, shared by every process of the sweep
+    weights: list[Path] = field(default_factory=list)
+    storage: str | None = None                    # default: sqlite:///<runs_root>/<name>/study.db
+    runs_root: Path = Path("runs")
+    metric: str = MAIN_ACCURACY                   # a test output of the net (e.g. loss), or the main accuracy
+    direction: str | None = None                  # maximize / minimize; default: minimize a loss, else maximize
+    prune: bool = True
+    prune_startup: int = 3                        # finished trials before the pruner prunes anything
+    prune_warmup: int = 0                         # iterations of a trial before it can be pruned
+    seed: int | None = None
+    heartbeat: int = 60                           # seconds between heartbeats of a running trial
+    grace: int | None = None                      # seconds without heartbeat before a trial is failed (2 x)
+    enqueue: list[dict] = field(default_factory=list)   # trials to run first, with these values
+    gpu: str | None = None
+    strict_gpu: bool = False
+    caffe: str | None = None
+    early_stop: int | None = None
+    fit_head: bool = False
+    preflight: bool = True
+
+
+@dataclass(frozen=True)
+class TrialStarted:
+    number: int
+    values: dict
+    run_dir: Path
+
+
+@dataclass(frozen=True)
+class TrialFinished:
+    number: int
+    state: str                                    # COMPLETE, PRUNED or FAIL
+    value: float | None
+    iterations: int | None
+    run_dir: Path
+    note: str = ""
+
+
+@dataclass
+class SweepResult:
+    root: Path
+    storage: str
+    ran: list[int]                                # trial numbers this process ran
+    finished: int                                 # finished trials in the study when it stopped
+    best: dict | None
+
+
+def direction_of(metric: str, direction: str | None = None) -> str:
+    if direction is not None:
+        if direction not in ("maximize", "minimize"):
+            raise SweepError(f"--direction {direction}: expected maximize or minimize", fix="--direction minimize")
+        return direction
+    return "minimize" if "loss" in metric.lower() else "maximize"
+
+
+def metric_value(values: dict[str, float], metric: str) -> float | None:
+    """The metric of one test pass: the main accuracy, or the output of that name."""
+    if metric == MAIN_ACCURACY:
+        found = main_accuracy(values)
+        return found[1] if found else None
+    return values.get(metric)
+
+
+def check_name(name: str) -> str:
+    if not name or name in (".", "..") or "/" in name or name.startswith("."):
+        raise SweepError(f"--name {name!r}: a sweep's name is one folder name", fix="e.g. --name flowers-lr")
+    return name
+
+
+def storage_url(options: SweepOptions, base: Path) -> str:
+    if options.storage:
+        return options.storage
+    return f"sqlite:///{(base / options.runs_root / options.name / STUDY_FILE).resolve()}"
+
+
+def open_storage(url: str, heartbeat: int | None = None, grace: int | None = None,
+                 retries: int = 5) -> optuna.storages.RDBStorage:
+    """The study's RDB storage; a heartbeat when given. Processes starting together may race on creating the
+    tables, hence the retries; a server that cannot be reached is one clear error."""
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    for attempt in range(retries):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                callback = optuna.storages.RetryFailedTrialCallback(max_retry=3) if heartbeat else None
+                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat,
+                                                  grace_period=grace, failed_trial_callback=callback)
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError) as error:
+            if attempt == retries - 1 or "could not connect" in str(error) or "unable to open" in str(error):
+                raise SweepError(f"cannot open the study storage: {str(error.orig).strip()}", where=_safe(url),
+                                 fix="check the --storage URL, that the server runs and the database exists") \
+                    from None
+            time.sleep(0.5 + attempt)
+        except (sqlalchemy.exc.ArgumentError, ModuleNotFoundError, ValueError) as error:
+            raise SweepError(f"--storage {_safe(url)}: {error}", where=_safe(url),
+                             fix="sqlite:///PATH, postgresql://USER@HOST/DB or mysql://...") from None
+    raise AssertionError("unreachable")
+
+
+def _safe(url: str) -> str:
+    """A storage URL without its password, for messages."""
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        return url
+
+
+def open_study(options: SweepOptions, storage: optuna.storages.BaseStorage, direction: str) -> optuna.Study:
+    """Create the study, or join it; a study that searches something else under the same name is refused."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(seed=options.seed, constant_liar=True)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=options.prune_startup,
+                                         n_warmup_steps=options.prune_warmup) if options.prune \
+        else optuna.pruners.NopPruner()
+    study = optuna.create_study(storage=storage, study_name=options.name, direction=direction, sampler=sampler,
+                                pruner=pruner, load_if_exists=True)
+    config = {"space": options.space.specs(), "metric": options.metric, "direction": direction,
+              "solver": str(options.solver)}
+    stored = study.user_attrs.get(CONFIG_ATTR)
+    if stored is None:
+        study.set_user_attr(CONFIG_ATTR, config)
+    elif (stored["space"], stored["metric"], stored["direction"]) != (config["space"], config["metric"], direction):
+        raise SweepError(f"the study {options.name} searches {', '.join(stored['space'])} for the "
+                         f"{stored['direction']} {stored['metric']}; this command asks for "
+                         f"{', '.join(config['space'])} ({direction} {options.metric})", where=_safe(storage_url(
+                             options, Path.cwd())) if options.storage else options.name,
+                         fix="give the same --param/--metric as the study, or another --name")
+    for values in options.enqueue:
+        study.enqueue_trial(values, skip_if_exists=True)
+    return study
+
+
+def counts(study: optuna.Study) -> tuple[int, int]:
+    """(finished, running) trials: finished is complete, pruned, or failed with its own error (a trial whose
+    process died is failed too, but queued again, so it does not count)."""
+    trials = study.get_trials(deepcopy=False)
+    finished = sum(1 for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+                   or (t.state == TrialState.FAIL and ERROR_ATTR in t.user_attrs))
+    return finished, sum(1 for t in trials if t.state == TrialState.RUNNING)
+
+
+@dataclass
+class _Base:
+    """What every trial starts from: the solver (net paths absolute), its nets, the weights."""
+
+    solver: object
+    nets: dict
+    weights: list[Path]
+
+
+def prepare_base(options: SweepOptions, base: Path, callback: Callable) -> _Base:
+    """Read the sweep's solver and nets once, check the space against them and preflight them (once)."""
+    install = caffe_tools.find_caffe(options.caffe)
+    prepared = runner.prepare(runner.RunOptions(solver=options.solver, weights=list(options.weights)), install,
+                              base)
+    sweep_space.check_solver(prepared.solver, options.space)
+    sweep_space.check_nets(prepared.nets, options.space)
+    if options.preflight:
+        roles = {name: role for role, names in prepared.solver_fields.items() for name in names}
+        report = preflight.check(prepared.nets, weights=prepared.weights, install=install, roles=roles)
+        for line in report.info:
+            callback(runner.Notice("info", line))
+        report.raise_for_problems()
+    solver = type(prepared.solver)()
+    solver.CopyFrom(prepared.solver)
+    for field_name, names in prepared.solver_fields.items():
+        paths = [str(prepared.source_paths[name].resolve()) for name in names]
+        if field_name == "test_net":
+            solver.test_net[:] = paths
+        else:
+            setattr(solver, field_name, paths[0])
+    return _Base(solver, prepared.nets, prepared.weights)
+
+
+class _TrialWatch:
+    """One trial's view of its run: `on_record` (the runner's RunOptions.on_record) reports every test pass to
+    Optuna and returns a reason to stop when the pruner says so; as the run's callback it passes everything on."""
+
+    def __init__(self, trial: optuna.Trial, options: SweepOptions, direction: str, callback: Callable):
+        self.trial, self.options, self.callback = trial, options, callback
+        self.sign = 1.0 if direction == "maximize" else -1.0
+        self.best: float | None = None
+        self.best_iteration: int | None = None
+        self.pruned_at: int | None = None
+        self.diverged_at: int | None = None
+        self.iteration = 0
+        self.reported: set[int] = set()
+
+    def __call__(self, item) -> None:
+        self.callback(item)
+
+    def on_record(self, record: Record) -> str | None:
+        self.iteration = max(self.iteration, record.iteration)
+        if record.phase == "train":
+            loss = record.values.get("loss")
+            if loss is not None and not math.isfinite(loss) and self.diverged_at is None:
+                self.diverged_at = record.iteration
+            return None
+        value = metric_value(record.values, self.options.metric) if record.net == 0 else None
+        if value is None or not math.isfinite(value):
+            return None
+        if self.best is None or self.sign * value > self.sign * self.best:
+            self.best, self.best_iteration = value, record.iteration
+        if record.iteration in self.reported:
+            return None           # Optuna takes one value per step
+        self.reported.add(record.iteration)
+        self.trial.report(value, step=record.iteration)
+        if self.pruned_at is None and self.trial.should_prune():
+            self.pruned_at = record.iteration
+            return f"pruned: {self.options.metric} {value:g} at iteration {record.iteration} is below the " \
+                   f"median of the earlier trials"
+        return None
+
+
+class _Objective:
+    def __init__(self, options: SweepOptions, root: Path, base_run: _Base, base: Path, direction: str,
+                 callback: Callable):
+        self.options, self.root, self.base_run, self.base = options, root, base_run, base
+        self.direction, self.callback = direction, callback
+        self.ran: list[int] = []
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        values = self.options.space.suggest(trial)
+        run_dir = self.root / f"trial-{trial.number:04d}"
+        trial.set_user_attr("run", str(run_dir))
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        self.ran.append(trial.number)
+        self.callback(TrialStarted(trial.number, values, run_dir))
+        watch = _TrialWatch(trial, self.options, self.direction, self.callback)
+        started = time.monotonic()
+        try:
+            result = self._run(trial.number, values, watch)
+        except RunError as error:
+            return self._failed(trial, values, watch, run_dir, error)
+        finally:
+            trial.set_user_attr("seconds", round(time.monotonic() - started, 1))
+        return self._finished(trial, values, watch, result)
+
+    def _run(self, number: int, values: dict, watch: _TrialWatch) -> runner.RunResult:
+        staged = self.root / STAGING / f"trial-{number:04d}.solver.prototxt"
+        files.write_atomic(staged, prototxt.format(sweep_space.apply_solver(self.base_run.solver, values)))
+        options = runner.RunOptions(
+            solver=staged, weights=list(self.base_run.weights), name=f"trial-{number:04d}", runs_root=self.root,
+            gpu=self.options.gpu, strict_gpu=self.options.strict_gpu, caffe=self.options.caffe,
+            early_stop=self.options.early_stop, preflight=False,
+            fit_head=values.get("fit_head", self.options.fit_head),
+            transform_net=sweep_space.net_transform(values), on_record=watch.on_record)
+        options = _with_cache_features(options, values)
+        try:
+            return runner.start(options, callback=watch, base=self.base)
+        finally:
+            staged.unlink(missing_ok=True)
+
+    def _failed(self, trial: optuna.Trial, values: dict, watch: _TrialWatch, run_dir: Path,
+                error: RunError) -> float:
+        trial.set_user_attr("iterations", watch.iteration)
+        if isinstance(error, runner.RunInterrupted) or getattr(error, "exit_code", 1) == 130:
+            self._requeue(trial, values)
+            raise SweepInterrupted(f"interrupted during trial {trial.number}", where=str(run_dir),
+                                   fix="run the same command again to continue the sweep") from None
+        if watch.diverged_at is not None or "diverged" in error.what or "stuck at" in error.what:
+            note = f"diverged at iteration {watch.diverged_at or watch.iteration}: {error.what}"
+            trial.set_user_attr("note", note)
+            self.callback(TrialFinished(trial.number, "PRUNED", watch.best, watch.iteration, run_dir, note))
+            raise optuna.TrialPruned(note)
+        trial.set_user_attr(ERROR_ATTR, str(error))
+        self.callback(TrialFinished(trial.number, "FAIL", None, watch.iteration, run_dir, error.what))
+        raise error
+
+    def _finished(self, trial: optuna.Trial, values: dict, watch: _TrialWatch, result: runner.RunResult) -> float:
+        trial.set_user_attr("iterations", result.iteration)
+        if watch.best_iteration is not None:
+            trial.set_user_attr("best_iteration", watch.best_iteration)
+        if result.status == "interrupted" and watch.pruned_at is None:
+            self._requeue(trial, values)
+            raise SweepInterrupted(f"interrupted during trial {trial.number}", where=str(result.run_dir),
+                                   fix="run the same command again to continue the sweep")
+        if watch.pruned_at is not None:
+            note = f"pruned at iteration {watch.pruned_at}"
+            trial.set_user_attr("note", note)
+            self.callback(TrialFinished(trial.number, "PRUNED", watch.best, result.iteration, result.run_dir,
+                                        note))
+            raise optuna.TrialPruned(note)
+        if watch.best is None:
+            raise SweepError(f"trial {trial.number}: no test pass reported {self.options.metric}",
+                             where=str(result.run_dir / "caffe.log"),
+                             fix="give the solver a test phase (test_iter, test_interval), or pick --metric "
+                                 "among the test outputs in metrics.csv")
+        self.callback(TrialFinished(trial.number, "COMPLETE", watch.best, result.iteration, result.run_dir))
+        return watch.best
+
+    def _requeue(self, trial: optuna.Trial, values: dict) -> None:
+        trial.set_user_attr("note", "interrupted")
+        trial.study.enqueue_trial(values)
+
+
+def _with_cache_features(options: runner.RunOptions, values: dict) -> runner.RunOptions:
+    if "cache_features" not in values:
+        return options
+    if "cache_features" not in runner.RunOptions.__dataclass_fields__:
+        raise SweepError("--param cache_features: `caffetune run` has no feature cache option",
+                         fix="leave out cache_features")
+    return replace(options, cache_features=values["cache_features"])
+
+
+class _Budget:
+    """Optuna callback after each trial: update the sweep's files, fail stale trials, stop at the total."""
+
+    def __init__(self, options: SweepOptions, root: Path):
+        self.options, self.root = options, root
+
+    def __call__(self, study: optuna.Study, _trial) -> None:
+        sweep_results.write_outputs(study, self.root, plots=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        finished, running = counts(study)
+        if finished + running >= self.options.trials:   # the others' running trials will finish the total
+            study.stop()
+
+
+def run(options: SweepOptions, callback: Callable = lambda item: None, base: Path | None = None) -> SweepResult:
+    """Run trials of the sweep until the study holds `options.trials` finished trials."""
+    base = (base or Path.cwd()).resolve()
+    check_name(options.name)
+    if options.trials < 1:
+        raise SweepError(f"--trials {options.trials}: need at least one trial", fix="--trials 20")
+    direction = direction_of(options.metric, options.direction)
+    root = base / options.runs_root / options.name
+    root.mkdir(parents=True, exist_ok=True)
+    url = storage_url(options, base)
+    storage = open_storage(url, options.heartbeat, options.grace)
+    study = open_study(options, storage, direction)
+    if not study.get_trials(deepcopy=False) and any(root.glob("trial-*")):
+        raise SweepError(f"{root} holds trial directories of another study, and the study {options.name} has no "
+                         "trial", where=str(root), fix="pick another --name, or move the old folder away")
+    base_run = prepare_base(options, base, callback)
+    objective = _Objective(options, root, base_run, base, direction, callback)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    if counts(study)[0] < options.trials:
+        study.optimize(objective, callbacks=[_Budget(options, root)], catch=(RunError,))
+    best = sweep_results.write_outputs(study, root, plots=True)
+    return SweepResult(root, url, objective.ran, counts(study)[0], best)
+

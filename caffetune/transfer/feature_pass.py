@@ -1,0 +1,78 @@
+"""The trunk's forward pass, run by feature_cache in a child process that imports pycaffe (a Caffe CHECK failure
+aborts the process it happens in; glog stays there too).
+
+    python -m caffetune.transfer.feature_pass SPEC.json
+
+SPEC: {"jobs": [{"phase", "net", "weights", "images", "batch", "blobs": {blob: file.npy},
+                 "mirror": {blob: file.npy}, "flip": data blob name or null}]}
+Each job's net is a trunk net (its Data/ImageData layer first, TEST phase). The net is forwarded ceil(images/batch)
+times with Caffe's own data layer, so the records come in the source's order through Caffe's own transform; the
+cut blobs of the first `images` records go to .npy files. With "mirror", the data blob is flipped left-right
+(DataTransformer's mirror writes column w to width-1-w after mean and scale, so the flip of the transformed image is
+exactly what Caffe's mirror gives) and the trunk forwarded again from the layer after the data layer.
+One line per batch on stdout: "progress PHASE DONE TOTAL".
+
+SPEC may also hold "init": {"net", "weights", "seed", "layers", "out"}: the full TRAIN net built as `caffe train`
+builds it (Caffe's generator seeded with the solver's random_seed first), the weights copied in, and the blobs of
+`layers` (the top's layers the weights do not have, still at their fillers' values) saved to `out` (.npz), so the
+top starts from the very values a plain run would draw.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import numpy as np
+
+
+def _open(path: str, shape: tuple) -> np.ndarray:
+    return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+
+
+def run_job(caffe, job: dict) -> None:
+    net = caffe.Net(job["net"], caffe.TEST, weights=job["weights"])
+    images, batch = job["images"], job["batch"]
+    plain = {blob: _open(path, (images,) + net.blobs[blob].data.shape[1:]) for blob, path in job["blobs"].items()}
+    flipped = {blob: _open(path, (images,) + net.blobs[blob].data.shape[1:])
+               for blob, path in (job.get("mirror") or {}).items()}
+    after_data = list(net._layer_names)[1] if len(net.layers) > 1 else None
+    passes = math.ceil(images / batch)
+    for step in range(passes):
+        net.forward()
+        start, take = step * batch, min(batch, images - step * batch)
+        for blob, out in plain.items():
+            out[start:start + take] = net.blobs[blob].data[:take]
+        if flipped:
+            data = net.blobs[job["flip"]].data
+            data[...] = data[..., ::-1].copy()
+            net.forward(start=after_data)
+            for blob, out in flipped.items():
+                out[start:start + take] = net.blobs[blob].data[:take]
+        print(f"progress {job['phase']} {step + 1} {passes}", flush=True)
+    for out in list(plain.values()) + list(flipped.values()):
+        out.flush()
+
+
+def initial_values(caffe, init: dict) -> None:
+    caffe.set_random_seed(init["seed"])
+    net = caffe.Net(init["net"], caffe.TRAIN)
+    net.copy_from(init["weights"])
+    values = {f"{name}\t{i}": blob.data for name in init["layers"] for i, blob in enumerate(net.params[name])}
+    np.savez(init["out"], **values)
+
+
+def main(argv: list[str]) -> int:
+    import caffe  # noqa: PLC0415 - pycaffe is on PYTHONPATH only in this child
+
+    caffe.set_mode_cpu()
+    spec = json.loads(open(argv[1]).read())
+    if spec.get("init"):
+        initial_values(caffe, spec["init"])
+    for job in spec["jobs"]:
+        run_job(caffe, job)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

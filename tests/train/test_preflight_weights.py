@@ -1,0 +1,80 @@
+"""Preflight on the pretrained weights: weights that were never trained, and a head that kept its pretrained name
+and size while the data has fewer classes. The real Caffe shows that zero weights never learn."""
+from __future__ import annotations
+
+import pytest
+from helpers import run_pycaffe, save_random_weights
+from preflight_helpers import (
+    assert_clean,
+    check_text,
+    edited,
+    fatal_line,
+    only,
+    tiny_setup,
+    train,
+)
+
+NO_FILLER = ' weight_filler { type: "xavier" }'
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    net, solver = tiny_setup(tmp_path / "tiny")
+    return tmp_path, net, solver
+
+
+def _weights(install, folder, text: str, name: str):
+    (folder / f"{name}.prototxt").write_text(text)
+    return save_random_weights(install, folder / f"{name}.prototxt", folder / f"{name}.caffemodel")
+
+
+# --- 10. weights that are all zero or constant ---------------------------------------------------------------------
+def test_weights_saved_without_fillers_are_an_error_and_caffe_never_learns_from_them(setup, caffe_install):
+    folder, net, solver = setup
+    zeros = _weights(caffe_install, folder, net.read_text().replace(NO_FILLER, ""), "no_fillers")
+    message = only(check_text(net.read_text(), weights=[zeros]).problems)
+    assert "the weights in no_fillers.caffemodel are not trained: every copied weight blob is constant " \
+           "(conv1 (all 0), fc (all 0))" in message and "pass the trained .caffemodel" in message
+    result = train(caffe_install, folder / "tiny", net.read_text(), solver.read_text() + "snapshot: 20\n",
+                   f"-weights={zeros}")
+    assert result.returncode == 0, fatal_line(result)
+    largest = run_pycaffe(caffe_install, """
+        import sys, caffe
+        caffe.set_mode_cpu()
+        net = caffe.Net(sys.argv[1], sys.argv[2], caffe.TEST)
+        print(max(abs(net.params[name][0].data).max() for name in ("conv1", "fc")))
+    """, str(net), str(folder / "tiny" / "snap_iter_20.caffemodel")).stdout.split()
+    assert float(largest[-1]) == 0.0   # 20 iterations later: zero weights pass no gradient, they stay zero
+
+
+def test_one_constant_layer_among_trained_ones_is_a_warning(setup, caffe_install):
+    folder, net, _ = setup
+    text = net.read_text()
+    head, tail = text.split('name: "fc"', 1)
+    partly = _weights(caffe_install, folder, head + 'name: "fc"' + tail.replace(NO_FILLER, "", 1), "partly")
+    report = check_text(text, weights=[partly])
+    assert report.problems == []
+    assert "1 of the 2 copied layers have constant weights: fc (all 0)" in only(report.warnings)
+
+
+def test_trained_looking_weights_are_clean(setup, caffe_install):
+    folder, net, solver = setup
+    weights = _weights(caffe_install, folder, net.read_text(), "random")
+    report = check_text(net.read_text(), caffe_install, solver_text=solver.read_text(), weights=[weights])
+    assert_clean(report)
+    assert report.copied == ["conv1", "fc"]
+
+
+# --- 13. a head that kept its pretrained name and size ---------------------------------------------------------------
+def test_a_head_kept_with_more_classes_than_the_data_is_a_warning(setup, caffe_install):
+    folder, net, solver = setup
+    text = edited(net, ("num_output: 4 weight_filler", "num_output: 10 weight_filler"))
+    weights = _weights(caffe_install, folder, text, "imagenet_like")
+    report = check_text(text, caffe_install, solver_text=solver.read_text(), weights=[weights])
+    assert report.problems == []
+    message = only(report.warnings)
+    assert "layer fc: head fc kept its pretrained name and size (10 classes), so its pretrained class weights " \
+           "are copied, but the training data has 4 classes" in message
+    assert "caffetune rewrite --classes 4 --name NEW" in message
+    renamed = text.replace('name: "fc"', 'name: "fc_new"')
+    assert_clean(check_text(renamed, caffe_install, solver_text=solver.read_text(), weights=[weights]))

@@ -1,0 +1,120 @@
+"""`caffetune sweep` over real tiny caffe runs: two worker processes sharing a SQLite study, pruning of a hopeless
+trial (caffe snapshots and stops), and a worker killed mid-trial whose study is continued by running it again."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import optuna
+import pytest
+
+from caffetune.model import prototxt
+from caffetune.train import sweep, sweep_results, sweep_space
+from sweep_helpers import check_trial_runs, finish, trials, worker, write_learnable_classifier
+
+pytestmark = pytest.mark.caffe
+
+
+def test_two_workers_share_a_sqlite_study_and_stop_at_its_total(caffe_install, tmp_path):
+    _, solver = write_learnable_classifier(tmp_path / "data", max_iter=40, test_interval=10)
+    args = ["--solver", str(solver), "--name", "lr", "--trials", "4", "--param", "base_lr=log:1e-3:1e-1",
+            "--param", "freeze_through=choice:conv1,none", "--no-prune"]
+    first, second = worker(tmp_path, *args, "--seed", "1"), worker(tmp_path, *args, "--seed", "2")
+    outputs = [finish(first), finish(second)]
+    root = tmp_path / "runs" / "lr"
+    study = sweep_results.load("lr", None, base=tmp_path)
+    assert len(trials(study)) == 4 and len(trials(study, optuna.trial.TrialState.COMPLETE)) == 4
+    workers = {t.user_attrs["worker"] for t in trials(study)}
+    assert len(workers) == 2                                   # both processes ran trials of the one study
+    check_trial_runs(study)
+    frozen = next(t for t in trials(study) if t.params["freeze_through"] == "conv1")
+    conv1 = next(layer for layer in prototxt.load(Path(frozen.user_attrs["run"]) / "train_val.prototxt").layer
+                 if layer.name == "conv1")
+    assert [p.lr_mult for p in conv1.param] == [0, 0]
+    assert all("4 of 4 trials finished in lr" in output for output in outputs)
+    best = json.loads((root / "best.json").read_text())
+    assert best["value"] == max(t.value for t in trials(study))
+    assert (root / "best.caffemodel").read_bytes() == (Path(best["run"]) / "best.caffemodel").read_bytes()
+    assert len((root / "sweep.csv").read_text().splitlines()) == 5
+    assert (root / "history.png").read_bytes()[:4] == b"\x89PNG"
+    # Running it again finds the study complete: no new trial.
+    assert "4 of 4 trials finished" in finish(worker(tmp_path, *args))
+    assert len(trials(sweep_results.load("lr", None, base=tmp_path))) == 4
+    shown = subprocess.run([sys.executable, "-m", "caffetune", "sweep", "--show", "lr", "--json"], cwd=tmp_path,
+                           capture_output=True, text=True, check=True)
+    data = json.loads(shown.stdout)
+    assert [t["number"] for t in data["trials"]] == [0, 1, 2, 3] and data["best"]["number"] == best["number"]
+
+
+def test_a_hopeless_trial_is_pruned_early_and_keeps_its_run(caffe_install, tmp_path):
+    _, solver = write_learnable_classifier(tmp_path / "data", max_iter=20000, test_interval=1000)
+    space = sweep_space.parse(["base_lr=log:1e-8:1e3"])
+    seen = []
+    options = sweep.SweepOptions(solver=solver, name="prune", space=space, trials=4, seed=0, prune_startup=2,
+                                 enqueue=[{"base_lr": 0.01}, {"base_lr": 0.02}, {"base_lr": 1e-8},
+                                          {"base_lr": 1e3}], heartbeat=5)
+    result = sweep.run(options, callback=seen.append, base=tmp_path)
+    study = sweep_results.load("prune", None, base=tmp_path)
+    states = [t.state.name for t in trials(study)]
+    assert states == ["COMPLETE", "COMPLETE", "PRUNED", "PRUNED"] and result.ran == [0, 1, 2, 3]
+    tiny, huge = trials(study)[2], trials(study)[3]
+    # The absurdly small lr learns nothing: pruned at its first test pass after 0, where the others are at 1.0.
+    assert tiny.user_attrs["note"] == "pruned at iteration 1000" and tiny.user_attrs["iterations"] < 20000
+    assert min(trials(study)[0].intermediate_values[1000], trials(study)[1].intermediate_values[1000]) > \
+        tiny.intermediate_values[1000]
+    run = Path(tiny.user_attrs["run"])
+    log = (run / "caffe.log").read_text()
+    assert "Optimization stopped early." in log                  # stopped the Ctrl-C way: SIGINT, snapshot, stop
+    assert list((run / "snapshots").glob(f"*_iter_{tiny.user_attrs['iterations']}.solverstate"))
+    # The absurdly large lr diverges: the run's watchdog stops it, and the trial counts as pruned.
+    assert huge.user_attrs["note"].startswith("diverged") and huge.user_attrs["iterations"] < 20000
+    finished = [item for item in seen if isinstance(item, sweep.TrialFinished)]
+    assert [item.state for item in finished] == ["COMPLETE", "COMPLETE", "PRUNED", "PRUNED"]
+    check_trial_runs(study)
+
+
+def _caffe_in(run_dir: Path) -> list[int]:
+    """The caffe processes working in a run directory (a killed worker leaves its caffe running)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and Path(os.readlink(proc / "cwd")) == run_dir:
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_a_killed_worker_s_trial_is_failed_by_heartbeat_and_the_study_continues(caffe_install, tmp_path):
+    _, solver = write_learnable_classifier(tmp_path / "data", max_iter=1000, test_interval=1000)
+    args = ["--solver", str(solver), "--name", "kill", "--trials", "2", "--param", "base_lr=log:1e-3:1e-1",
+            "--param", "max_iter=choice:1000,20000", "--try", "base_lr=0.01,max_iter=1000",
+            "--try", "base_lr=0.02,max_iter=20000", "--heartbeat", "1", "--no-prune"]
+    process = worker(tmp_path, *args)
+    long_run = tmp_path / "runs" / "kill" / "trial-0001"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (long_run / "metrics.jsonl").is_file():
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    for pid in _caffe_in(long_run):   # the worker's caffe outlives it (its own session): end it too
+        os.kill(pid, signal.SIGKILL)
+    study = sweep_results.load("kill", None, base=tmp_path)
+    assert [t.state.name for t in trials(study)] == ["COMPLETE", "RUNNING"]
+    time.sleep(3)                      # past the grace period (2 heartbeats) of the dead worker's trial
+    output = finish(worker(tmp_path, *args))
+    study = sweep_results.load("kill", None, base=tmp_path)
+    states = [t.state.name for t in trials(study)]
+    assert states == ["COMPLETE", "FAIL", "COMPLETE"], output
+    dead, retry = trials(study)[1], trials(study)[2]
+    assert retry.params == dead.params == {"base_lr": 0.02, "max_iter": 20000}   # queued again by the heartbeat
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        assert optuna.storages.RetryFailedTrialCallback.retried_trial_number(retry) == 1
+    assert long_run.is_dir() and "2 of 2 trials finished in kill" in output
