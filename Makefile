@@ -1,5 +1,6 @@
 # caffetune: `make setup` installs everything on a fresh Debian 12 machine (idempotent; a second run takes seconds),
-# `make test` runs the test suite against the real Caffe, `make demo` runs the whole fine-tuning job.
+# `make test` runs the whole test suite against the real Caffe, `make check` the fast tier (no Caffe build) and
+# ruff, `make demo` runs the whole fine-tuning job.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -15,33 +16,67 @@ APT_PACKAGES := build-essential cmake pkg-config patch xz-utils ca-certificates 
   liblmdb-dev libopencv-dev libboost-system-dev libboost-thread-dev libboost-filesystem-dev libboost-python-dev \
   libopenblas-dev liblapack-dev graphviz dataset-fashion-mnist postgresql
 
-.PHONY: setup apt venv caffe proto test demo bench transfer-bench clean
+LOGS := build/setup
+EDITABLE := '.[test,pycaffe]'
+SOURCE_STAMP := $(CAFFE_SRC)/.caffetune-patched
+SITE = $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 
-setup: apt venv caffe proto
+# $(call logged,STEP,COMMAND): run COMMAND with its output in $(LOGS)/STEP.log, shown in full when it fails.
+logged = mkdir -p $(LOGS) && { $(2); } >$(LOGS)/$(1).log 2>&1 || { status=$$?; cat $(LOGS)/$(1).log >&2; \
+  echo "setup: $(1) failed (exit $$status); the log above is $(LOGS)/$(1).log" >&2; exit $$status; }
+
+.PHONY: setup apt venv caffe pycaffe-path source proto check lint test demo bench transfer-bench clean
+
+setup: apt venv caffe pycaffe-path proto
+	@echo "setup: done (logs in $(LOGS)/)"
 
 apt:
-	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || { \
+	@if dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then echo "setup: apt packages already installed"; else \
+	  echo "setup: installing apt packages (log: $(LOGS)/apt.log)"; \
 	  sudo=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$sudo apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $(APT_PACKAGES); }
+	  $(call logged,apt,$$sudo apt-get update && \
+	    DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y --no-install-recommends $(APT_PACKAGES)); fi
 
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip 'setuptools>=77' wheel
-	$(PY) -m pip install -q -e '.[test,pycaffe]'
-	touch $@
+	@echo "setup: Python packages into $(VENV) (log: $(LOGS)/venv.log)"
+	@$(call logged,venv,test -x $(PY) || $(PYTHON) -m venv $(VENV); \
+	  $(PY) -m pip install --upgrade pip 'setuptools>=77' wheel && $(PY) -m pip install -e $(EDITABLE))
+	@touch $@
 
-# Builds into $(CACHE)/caffe-<version>-<cpu|cuda>-py<ver>-np<ver>; CAFFE_CUDA=1 builds with CUDA.
+# Builds into $(CACHE)/caffe-<version>-<cpu|cuda>-py<ver>-np<ver> (minutes the first time, then cached);
+# CAFFE_CUDA=1 builds with CUDA.
 caffe: venv
-	proto/build-caffe.sh $(abspath $(PY))
+	@echo "setup: Caffe from the pinned source, cached in $(CACHE) (log: $(LOGS)/caffe.log)"
+	@$(call logged,caffe,proto/build-caffe.sh $(abspath $(PY)))
+
+# `import caffe` in the venv: a .pth file naming a folder that holds only the built pycaffe package.
+pycaffe-path: caffe
+	@prefix=$$(tail -1 $(LOGS)/caffe.log) && \
+	  package=$$(ls -d "$$prefix"/lib/python3/dist-packages/caffe "$$prefix"/python/caffe 2>/dev/null | head -1) && \
+	  mkdir -p "$$prefix/site" && ln -sfn "$$package" "$$prefix/site/caffe" && \
+	  echo "$$prefix/site" >"$(SITE)/caffetune-pycaffe.pth"
+	@$(PY) -c 'import caffe' && echo "setup: pycaffe importable in $(VENV) ($(VENV)/bin/python -c 'import caffe')"
+
+source: $(SOURCE_STAMP)
+
+$(SOURCE_STAMP):
+	@echo "setup: pinned Caffe source into $(dir $(CAFFE_SRC)) (log: $(LOGS)/source.log)"
+	@$(call logged,source,proto/fetch-caffe.sh $(dir $(CAFFE_SRC)))
 
 proto: $(SCHEMA)
 
-$(SCHEMA): proto/caffe-source.lock proto/compile_schema.py | venv
-	proto/fetch-caffe.sh $(dir $(CAFFE_SRC))
-	$(PY) proto/compile_schema.py $(CAFFE_SRC)/src/caffe/proto/caffe.proto $@
+$(SCHEMA): $(SOURCE_STAMP) proto/compile_schema.py | venv
+	@echo "setup: schema $@ from the pinned caffe.proto"
+	@$(call logged,proto,$(PY) proto/compile_schema.py $(CAFFE_SRC)/src/caffe/proto/caffe.proto $@)
+
+# The fast tier: lint, then every test that needs only the venv and the schema (no Caffe build).
+check: venv source proto lint
+	$(PY) -m pytest -q -m "not caffe"
+
+lint: venv
+	$(PY) -m ruff check caffetune tests bench proto
 
 test: setup
 	$(PY) -m pytest -q

@@ -22,9 +22,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from caffetune.model import caffe_tools  # noqa: E402
-from caffetune.data import lmdb_reader  # noqa: E402
-from caffetune.data import mean  # noqa: E402
+from caffetune.data import lmdb_reader, mean
+from caffetune.model import caffe_tools
 
 
 def generate(root: Path, count: int, classes: int = 10, size=(500, 375)) -> Path:

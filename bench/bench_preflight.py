@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -66,9 +67,9 @@ def main() -> None:
             db = write_lmdb(Path(folder) / ("encoded" if encoded else "raw"), encoded)
             size = sum(f.stat().st_size for f in db.iterdir()) / 1e6
             net = prototxt.parse(NET.replace("{db}", str(db)))
-            plain = best_of(lambda: lmdb_reader.summarize(db))
-            scan = best_of(lambda: data_scan.scan_lmdb(db))
-            check = best_of(lambda: preflight.check({"net.prototxt": net}, roles={"net.prototxt": "train_net"}))
+            plain = best_of(partial(lmdb_reader.summarize, db))
+            scan = best_of(partial(data_scan.scan_lmdb, db))
+            check = best_of(partial(preflight.check, {"net.prototxt": net}, roles={"net.prototxt": "train_net"}))
             kind = "encoded JPEG" if encoded else "raw 3x64x64"
             print(f"{RECORDS} {kind} records ({size:.0f} MB): summarize (labels) {plain:.3f}s, "
                   f"scan_lmdb (labels, runs, sizes) {scan:.3f}s = {scan / plain:.2f}x, "

@@ -22,11 +22,8 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
-from caffetune.model import caffe_tools
-from caffetune.train import preflight
-from caffetune.model import prototxt
-from caffetune.train import runner
-from caffetune.model import schema
+from caffetune.model import caffe_tools, prototxt, schema
+from caffetune.train import preflight, runner
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 MAX_ITER = int(os.environ.get("BENCH_ITERS", "500"))

@@ -45,7 +45,7 @@ class DatasetError(CaffetuneError):
 class PreflightError(CaffetuneError):
     """One or more checks failed before launching Caffe."""
 
-    def __init__(self, problems: list["Problem"]):
+    def __init__(self, problems: list[Problem]):
         errors = sum(1 for p in problems if p.level == "error")
         warnings = len(problems) - errors
         counts = f"{errors} error(s)" + (f" and {warnings} warning(s) (--strict)" if warnings else "")

@@ -34,8 +34,9 @@ cmake -S "$src" -B "$prefix/build" -DCMAKE_BUILD_TYPE=Release \
   -DUSE_LEVELDB=ON -DUSE_LMDB=ON -DUSE_OPENCV=ON \
   -DPYTHON_EXECUTABLE="$python" -DPYTHON_INCLUDE_DIR="$py_include" -DPYTHON_LIBRARY="$py_library" \
   -DNUMPY_INCLUDE_DIR="$np_include" -DCMAKE_INSTALL_PREFIX="$prefix/install" \
-  -DCMAKE_INSTALL_RPATH="$prefix/install/lib" -DCMAKE_BUILD_WITH_INSTALL_RPATH=OFF >"$prefix/cmake.log"
-cmake --build "$prefix/build" -j"$(nproc)" >"$prefix/build.log" 2>&1 || { tail -40 "$prefix/build.log" >&2; exit 1; }
+  -DCMAKE_INSTALL_RPATH="$prefix/install/lib" -DCMAKE_BUILD_WITH_INSTALL_RPATH=OFF >"$prefix/cmake.log" 2>&1 \
+  || { cat "$prefix/cmake.log" >&2; exit 1; }
+cmake --build "$prefix/build" -j"$(nproc)" >"$prefix/build.log" 2>&1 || { cat "$prefix/build.log" >&2; exit 1; }
 cmake --install "$prefix/build" >>"$prefix/build.log"
 touch "$prefix/install/.complete"
 echo "$prefix/install"

@@ -1,14 +1,23 @@
-from __future__ import annotations
+"""Fixtures for the real Caffe, and the test tiers.
 
-import sys
-from pathlib import Path
+Tiers: a test that takes the `caffe_install` fixture (directly or through another fixture) needs the Caffe binary
+or pycaffe built by `make setup`, and is marked `caffe` here automatically. `make check` runs the others
+(`pytest -m "not caffe"`: the venv and the schema are enough); `make test` runs everything.
+"""
+from __future__ import annotations
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from caffetune.errors import CaffeNotFound
+from caffetune.model import caffe_tools
 
-from caffetune.model import caffe_tools  # noqa: E402
-from caffetune.errors import CaffeNotFound  # noqa: E402
+CAFFE_FIXTURES = frozenset({"caffe_install"})
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if CAFFE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.caffe)
 
 
 @pytest.fixture(scope="session")

@@ -99,7 +99,7 @@ def write_tiny_classifier(folder: Path, classes: int = 4, max_iter: int = 20, te
     return net, solver
 
 
-def smooth_image(rng, height: int, width: int, channels: int = 3) -> "np.ndarray":
+def smooth_image(rng, height: int, width: int, channels: int = 3) -> np.ndarray:
     """A smooth random uint8 image (blurred colour blobs plus a little noise), like a photo rather than pure noise."""
     import cv2
 
@@ -124,7 +124,7 @@ def write_class_folders(root: Path, classes: int = 3, per_class: int = 4, size: 
     return root
 
 
-def jpeg_with_exif(image: "np.ndarray", orientation: int = 1, thumbnail: bytes = b"") -> bytes:
+def jpeg_with_exif(image: np.ndarray, orientation: int = 1, thumbnail: bytes = b"") -> bytes:
     """A JPEG of `image` with an EXIF APP1 segment: the orientation tag, and optional bytes (e.g. a thumbnail
     JPEG) carried inside the segment."""
     import struct

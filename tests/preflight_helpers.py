@@ -6,10 +6,11 @@ from pathlib import Path
 import cv2
 import lmdb
 import numpy as np
-from helpers import caffe_train, smooth_image, write_tiny_classifier
 
 from caffetune.model import prototxt, schema
 from caffetune.train import preflight
+
+from helpers import caffe_train, smooth_image, write_tiny_classifier
 
 NET_FILE = "train_val.prototxt"
 

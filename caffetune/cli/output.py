@@ -92,6 +92,7 @@ class RunView:
                             TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  acc {task.fields[acc]}"),
                             TextColumn("ETA {task.fields[eta]}"), console=err, transient=False)
         self.task, self.name = None, "train"
+        self.passes: dict = {}
 
     def __enter__(self):
         self.bar.start()
@@ -100,12 +101,22 @@ class RunView:
     def __exit__(self, *exc):
         self.bar.stop()
 
+    def _pass(self, item) -> None:
+        name = f"features {item.phase}"
+        if name not in self.passes:
+            self.passes[name] = self.bar.add_task(name, total=item.total, loss="-", lr="-", acc="-", eta="-")
+        self.bar.update(self.passes[name], completed=item.done)
+
     def say(self, line: str) -> None:
         self.bar.console.print(line, markup=False)
 
     def __call__(self, item) -> None:
         from caffetune.train.runner import Notice
+        from caffetune.transfer.feature_cache import PassProgress
 
+        if isinstance(item, PassProgress):      # run --cache-features: the trunk's one pass, a bar per phase
+            self._pass(item)
+            return
         if isinstance(item, Notice):
             self.bar.console.print(f"[yellow]warning:[/yellow] {item.text}" if item.level == "warning" else item.text)
             if item.text.startswith("stage "):

@@ -23,6 +23,7 @@ class SweepView:
 
     def __call__(self, item) -> None:
         from caffetune.train import sweep, sweep_space
+        from caffetune.train.events import Notice
         from caffetune.train.logparse import Record
 
         if isinstance(item, sweep.TrialStarted):
@@ -33,6 +34,8 @@ class SweepView:
             note = f" ({item.note})" if item.note else ""
             self.view.say(f"trial {item.number}: {item.state.lower()}{value} after {item.iterations} "
                           f"iterations{note}")
+        elif isinstance(item, Notice) and item.text.startswith("run directory "):
+            return   # the trial's line says it
         elif not isinstance(item, Record):
             self.view(item)
 
@@ -89,13 +92,15 @@ def _show(name: str, storage: str | None, runs_dir: str, as_json: bool) -> None:
 @click.option("--strict-gpu", is_flag=True, help="fail instead of falling back to the CPU")
 @click.option("--early-stop", type=int, help="stop a trial after N test passes without a better accuracy")
 @click.option("--fit-head", is_flag=True, help="every trial fits the new head(s) first (see `caffetune fit-head`)")
+@click.option("--cache-features/--no-cache-features", default=None,
+              help="train every trial's top on cached trunk features (default: when exact, as `caffetune run`)")
 @click.option("--no-preflight", is_flag=True, help="skip the checks of the base net before the first trial")
 @click.option("--show", "show_name", metavar="NAME", help="print the trials of sweep NAME, write its files, exit")
 @click.option("--json", "as_json", is_flag=True, help="--show: print JSON")
 @click.pass_obj
 def sweep(obj: Context, solver, weights, name, trials, params, tries, storage, runs_dir, metric, direction, prune,
-          prune_startup, prune_warmup, seed, heartbeat, gpu, strict_gpu, early_stop, fit_head, no_preflight,
-          show_name, as_json) -> None:
+          prune_startup, prune_warmup, seed, heartbeat, gpu, strict_gpu, early_stop, fit_head, cache_features,
+          no_preflight, show_name, as_json) -> None:
     """Search hyperparameters over real fine-tuning runs (each trial a `caffetune run` in RUNS_DIR/NAME/trial-N)."""
     import logging
     from pathlib import Path
@@ -103,9 +108,9 @@ def sweep(obj: Context, solver, weights, name, trials, params, tries, storage, r
     import optuna
 
     from caffetune.train import sweep as sweeping
-    from caffetune.train import sweep_space
+    from caffetune.train import sweep_space, sweep_storage
 
-    optuna.logging.set_verbosity(logging.WARNING)
+    optuna.logging.set_verbosity(logging.ERROR)   # the sweep prints its own line for every trial
     if show_name:
         _show(show_name, storage, runs_dir, as_json)
         return
@@ -120,7 +125,8 @@ def sweep(obj: Context, solver, weights, name, trials, params, tries, storage, r
         runs_root=Path(runs_dir), metric=metric, direction=direction, prune=prune, prune_startup=prune_startup,
         prune_warmup=prune_warmup, seed=seed, heartbeat=heartbeat,
         enqueue=[sweep_space.parse_fixed(text, space) for text in tries], gpu=gpu, strict_gpu=strict_gpu,
-        caffe=obj.caffe, early_stop=early_stop, fit_head=fit_head, preflight=not no_preflight)
+        caffe=obj.caffe, early_stop=early_stop, fit_head=fit_head, cache_features=cache_features,
+        preflight=not no_preflight)
     try:
         with RunView() as view:
             result = sweeping.run(options, callback=SweepView(view))
@@ -135,4 +141,5 @@ def sweep(obj: Context, solver, weights, name, trials, params, tries, storage, r
         out.print(f"  {result.best['run']}")
         if result.best.get("weights"):
             out.print(f"  {result.best['weights']}")
-    out.print(f"table: caffetune sweep --show {name}" + (f" --storage {sweeping._safe(storage)}" if storage else ""))
+    where = f" --storage {sweep_storage.safe_url(storage)}" if storage else ""
+    out.print(f"table: caffetune sweep --show {name}{where}")

@@ -48,10 +48,13 @@ def _print_run_results(results) -> None:
 @click.option("--fit-head", is_flag=True,
               help="before training, fit the new head(s) on the pretrained features of the training set (see "
                    "`caffetune fit-head`) and start from them")
+@click.option("--cache-features/--no-cache-features", default=None,
+              help="forward the frozen trunk once and train the top on its cached outputs (default: on when that "
+                   "is exact; --cache-features refuses with the reason otherwise; see docs/feature-cache.md)")
 @click.pass_obj
 def run(obj: Context, solver, weights, snapshot, name, runs_dir, gpu, strict_gpu, resume_dir, max_iter, early_stop,
         no_best, no_preflight, strict, stages, unfreeze_from, stage1_iter, stage2_iter, stage2_lr_factor, heads,
-        fit_head) -> None:
+        fit_head, cache_features) -> None:
     """Check, then train with the real `caffe train` in runs/NAME/, with live progress, metrics and plots."""
     from pathlib import Path
 
@@ -67,7 +70,8 @@ def run(obj: Context, solver, weights, snapshot, name, runs_dir, gpu, strict_gpu
                                     snapshot=Path(snapshot) if snapshot else None, name=name,
                                     runs_root=Path(runs_dir), gpu=gpu, strict_gpu=strict_gpu, caffe=obj.caffe,
                                     keep_best=not no_best, early_stop=early_stop, max_iter=max_iter,
-                                    preflight=not no_preflight, strict=strict, fit_head=fit_head)
+                                    preflight=not no_preflight, strict=strict, fit_head=fit_head,
+                                    cache_features=cache_features)
         plan = StagePlan(unfreeze_from=unfreeze_from, stage1_iter=stage1_iter, stage2_iter=stage2_iter,
                          lr_factor=stage2_lr_factor, heads=list(heads)) if stages else None
     with RunView() as view:

@@ -2,8 +2,9 @@
 
 Stages: plan (labels checked, seeded shuffle, stratified split) -> convert (worker processes read, decode, resize,
 serialize Datums and sum pixels for the mean; Datums come back through shared memory, a bounded window of chunks
-in flight) -> write (one LmdbWriter per split, keys `%08d_<relpath>` numbered in written order). Everything is written into a temporary folder beside OUT and renamed
-onto OUT at the end, so OUT is either the whole dataset or absent.
+in flight) -> write (one LmdbWriter per split, keys `%08d_<relpath>` numbered in written order). Everything is
+written into a temporary folder beside OUT and renamed onto OUT at the end, so OUT is either the whole dataset or
+absent.
 """
 from __future__ import annotations
 
@@ -12,20 +13,25 @@ import os
 import shutil
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
-from caffetune import files
-from caffetune import __version__
-from caffetune.data import imagelist
-from caffetune.data import mean
+from caffetune import __version__, files
+from caffetune.data import imagelist, mean
 from caffetune.data.datum import ImageOptions, UnreadableImage, convert
-from caffetune.errors import DatasetError
 from caffetune.data.imagelist import ImageList, Record
-from caffetune.data.lmdb_writer import LmdbWriter, check_target, make_key, remove_stale_siblings, replace_path, temporary_sibling
+from caffetune.data.lmdb_writer import (
+    LmdbWriter,
+    check_target,
+    make_key,
+    remove_stale_siblings,
+    replace_path,
+    temporary_sibling,
+)
 from caffetune.data.mean import MeanAccumulator, PixelSum
 from caffetune.data.worker_pool import OrderedPool, WorkerDied, keep_freed_memory
+from caffetune.errors import DatasetError
 
 Progress = Callable[[str, int, int], None]      # (stage, done, total)
 CHUNK = 16                                     # images per task sent to a worker

@@ -15,8 +15,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from caffetune.model import schema
 from caffetune.errors import DatasetError
+from caffetune.model import schema
 
 RESIZE_MODES = ("squash", "crop", "pad")
 ALPHA_MODES = ("white", "black", "drop")

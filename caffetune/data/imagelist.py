@@ -145,7 +145,8 @@ def _is_int(text: str) -> bool:
 
 
 def from_csv(csv_file: Path | str, root: Path | str | None = None) -> ImageList:
-    """A CSV of `path,label` (header optional). Integer labels are used as they are; class names are sorted -> 0..N-1."""
+    """A CSV of `path,label` (header optional). Integer labels are used as they are; class names are sorted ->
+    0..N-1."""
     csv_path = Path(csv_file)
     rows = [row for row in csv.reader(_read_lines(csv_path)) if any(cell.strip() for cell in row)]
     if not rows:

@@ -2,18 +2,18 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import lmdb
 import numpy as np
 from google.protobuf.message import DecodeError
 
 from caffetune import files
-from caffetune.model import schema
 from caffetune.data.datum import UnreadableImage, datum_to_image
 from caffetune.errors import DatasetError
+from caffetune.model import schema
 
 
 @dataclass

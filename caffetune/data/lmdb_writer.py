@@ -90,7 +90,7 @@ class LmdbWriter:
         self._env: lmdb.Environment | None = None
         self._flusher: threading.Thread | None = None
 
-    def __enter__(self) -> "LmdbWriter":
+    def __enter__(self) -> LmdbWriter:
         check_target(self.target, self.overwrite)
         self.target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_siblings(self.target)

@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from caffetune import files
-from caffetune.model import prototxt
-from caffetune.model import schema
 from caffetune.errors import DatasetError
+from caffetune.model import prototxt, schema
 
 
 @dataclass
@@ -23,7 +22,7 @@ class PixelSum:
     count: int = 0
 
     @classmethod
-    def of(cls, image: np.ndarray, dtype=np.uint64) -> "PixelSum":
+    def of(cls, image: np.ndarray, dtype=np.uint64) -> PixelSum:
         """A sum starting with `image`; uint32 suffices for partial sums of up to 16 million images."""
         return cls(tuple(image.shape), image.astype(dtype), 1)
 

@@ -13,10 +13,11 @@ import multiprocessing
 import os
 import signal
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import shared_memory
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 Payloads = list  # list[bytes | None]: what a task function returns first, moved through shared memory
 

@@ -17,21 +17,19 @@ from __future__ import annotations
 import shlex
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
-from caffetune.data import dataset
-from caffetune.demo import fashion_mnist
-from caffetune.data import imagelist
-from caffetune.demo import pretrained
-from caffetune.surgery import rewrite
-from caffetune.train import runner
-from caffetune.model import schema
+from caffetune.data import dataset, imagelist
 from caffetune.data.datum import ImageOptions
+from caffetune.demo import fashion_mnist, pretrained
 from caffetune.errors import DatasetError
-from caffetune.surgery.solver import SolverOptions, iterations_per_epoch
+from caffetune.model import schema
+from caffetune.surgery import rewrite
 from caffetune.surgery.net_edits import DataOptions
+from caffetune.surgery.solver import SolverOptions, iterations_per_epoch
+from caffetune.train import runner
 
 Say = Callable[[str], None]
 
@@ -247,7 +245,7 @@ def format_report(report: DemoReport) -> str:
              f"({'reaches' if evaluation.top1 >= TARGET_TOP1 else 'below'} the {TARGET_TOP1:.0%} target)",
              "", evaluate.format_report(evaluation), "", "time per step:"]
     lines += [f"  {step.seconds:7.1f} s  {step.name}" for step in report.steps]
-    lines += [f"  {report.seconds:7.1f} s  total", "", "written:"]
+    lines += [f"  {report.seconds:7.1f} s  total"] + run_breakdown(report) + ["", "written:"]
     where = [("pretrained model", report.model.deploy.parent), ("images", report.train_images.parent),
              ("LMDBs, labels, mean", report.data), ("train_val, deploy, solver", report.model_dir),
              ("run (caffe.log, metrics.csv, snapshots)", report.run.run_dir),
@@ -257,6 +255,28 @@ def format_report(report: DemoReport) -> str:
     lines += ["", "the same on your own images (a folder of class folders; hold some images out for eval):"]
     lines += [f"  {command}" for command in report.commands]
     return "\n".join(lines)
+
+
+def run_breakdown(report: DemoReport) -> list[str]:
+    """Where the run step's time went: the trunk's one pass (feature cache) and the rest (checks, caffe training the
+    head on the cached features, full-net caffemodels); what a plain run would have forwarded instead."""
+    import json
+
+    step = next((s for s in report.steps if s.name.startswith("run")), None)
+    path = report.run.run_dir / "feature-cache.json" if report.run else None
+    if step is None or path is None or not path.is_file():
+        return ["  (run: plain caffe train of the whole net; the feature cache was not used)"]
+    record = json.loads(path.read_text())
+    cache, images = record["cache"], record["cache"]["images"]
+    passed = 0.0 if cache["reused"] else cache["pass_seconds"]
+    max_iter = report.run.records and max((r.iteration for r in report.run.records), default=0)
+    where = "reused from an earlier run" if cache["reused"] else "computed now"
+    return [f"  run step: {passed:7.1f} s  the frozen trunk, once over {images['TRAIN']} train + "
+            f"{images.get('TEST', 0)} val images (feature cache {cache['bytes'] / 1e6:.1f} MB, {where})",
+            f"            {step.seconds - passed:7.1f} s  checks, caffe training the head for {max_iter} iterations on "
+            f"the cached features, full-net caffemodels",
+            f"  a plain run forwards every iteration's batch through the trunk: {max_iter} x "
+            f"{report.options.batch_size} training images plus the val set at every test pass"]
 
 
 def _export_images(report: DemoReport, options: DemoOptions, say: Say) -> None:

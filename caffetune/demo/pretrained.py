@@ -12,13 +12,13 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from caffetune import files
-from caffetune.model import schema
 from caffetune.errors import DownloadError
+from caffetune.model import schema
 
 Progress = Callable[[str], None]
 

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
-from caffetune.model import schema
 from caffetune.errors import PrototxtError
+from caffetune.model import schema
 
 # Wire types of the protobuf encoding.
 VARINT, FIXED64, LENGTH, START_GROUP, END_GROUP, FIXED32 = 0, 1, 2, 3, 4, 5
@@ -233,7 +233,7 @@ class Caffemodel:
         self._entries: list[tuple[str, int, int]] | None = None
         self._name = ""
 
-    def __enter__(self) -> "Caffemodel":
+    def __enter__(self) -> Caffemodel:
         try:
             self._file = open(self.path, "rb")
         except FileNotFoundError:

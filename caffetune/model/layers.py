@@ -7,7 +7,7 @@ layer types carry learnable blobs (their parameter message declares a weight fil
 from __future__ import annotations
 
 import re
-from functools import lru_cache
+from functools import cache
 
 from google.protobuf.message import Message
 
@@ -72,7 +72,7 @@ def v1_enum_to_type(enum_name: str) -> str:
     return "".join(word.capitalize() for word in enum_name.split("_"))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _v1_type_table(enum_descriptor) -> dict[str, str]:
     """V2 type string -> V1 enum name, from the schema's LayerType enum."""
     return {v1_enum_to_type(value.name): value.name for value in enum_descriptor.values if value.name != "NONE"}
@@ -96,7 +96,7 @@ def v1_type_value(layer_descriptor, type_string: str) -> int:
     return enum.values_by_name[name].number
 
 
-@lru_cache(maxsize=None)
+@cache
 def _param_fields(layer_descriptor) -> dict[str, str]:
     """Type-string -> `*_param` field name, from the message type of each field (pycaffe's net_spec trick)."""
     table = {}

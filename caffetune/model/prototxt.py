@@ -7,8 +7,8 @@ from pathlib import Path
 from google.protobuf import text_format
 from google.protobuf.message import DecodeError, Message
 
-from caffetune.model import schema
 from caffetune.errors import PrototxtError
+from caffetune.model import schema
 
 _FORK_HINT = ("if this file comes from a Caffe fork (SSD, DeepLab, ...), pass --proto with that fork's caffe.proto "
               "(or set CAFFETUNE_PROTO)")

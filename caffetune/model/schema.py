@@ -42,7 +42,8 @@ def compile_descriptor_set(proto: Path) -> bytes:
     """Compile a .proto file with grpcio-tools' protoc; returns a serialized FileDescriptorSet."""
     proto = Path(proto).resolve()
     if not proto.is_file():
-        raise SchemaError(f"caffe.proto not found: {proto}", fix="pass --proto with the path of an existing caffe.proto")
+        raise SchemaError(f"caffe.proto not found: {proto}",
+                          fix="pass --proto with the path of an existing caffe.proto")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "schema.desc"
         command = [sys.executable, "-m", "grpc_tools.protoc", f"-I{proto.parent}",

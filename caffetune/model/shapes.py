@@ -196,11 +196,11 @@ def _convolution(layer, params, bottoms, ctx, deconv: bool = False) -> tuple[lis
     channels, group = bottom[axis], params.group
     spans = [d * (k - 1) + 1 for d, k in zip(dilation, kernel)]
     if deconv:
-        out = [_maybe(lambda i: s * (i - 1) + e - 2 * p, i)
+        out = [_maybe(lambda i, s=s, e=e, p=p: s * (i - 1) + e - 2 * p, i)
                for i, s, e, p in zip(bottom[axis + 1:], stride, spans, pad)]
         weight = (channels, params.num_output // group, *kernel)
     else:
-        out = [_maybe(lambda i: (i + 2 * p - e) // s + 1, i)
+        out = [_maybe(lambda i, s=s, e=e, p=p: (i + 2 * p - e) // s + 1, i)
                for i, s, e, p in zip(bottom[axis + 1:], stride, spans, pad)]
         weight = (params.num_output, _maybe(lambda c: c // group, channels), *kernel)
     top = (*bottom[:axis], params.num_output, *out)
@@ -229,7 +229,7 @@ def _pooling(layer, params, bottoms, ctx) -> tuple[list, list]:
     stride = [params.stride_h, params.stride_w] if params.HasField("stride_h") else [params.stride] * 2
     pad = [params.pad_h, params.pad_w] if params.HasField("pad_h") else [params.pad] * 2
     ceil = getattr(params, "round_mode", 0) == 0
-    out = [_maybe(lambda n: _pooled(n, k, s, p, ceil), size)
+    out = [_maybe(lambda n, k=k, s=s, p=p: _pooled(n, k, s, p, ceil), size)
            for size, k, s, p in zip((height, width), kernel, stride, pad)]
     return [(num, channels, *out)] * len(layer.top), []
 
@@ -395,7 +395,8 @@ def _infer_layer(layer: Message, ctx: _Context, result: NetShapes) -> None:
         if rule is None:
             raise Unknown(f"caffetune has no shape rule for type {kind}")
         tops, params = rule(layer, L.param_message(layer), bottoms, ctx)
-    except (Unknown, ValueError, ZeroDivisionError, IndexError, TypeError) as why:
+    except (Unknown, ValueError, ZeroDivisionError, IndexError, TypeError, AttributeError) as why:
+        # AttributeError: a field this (fork) schema does not have - the shape is unknown, not a crash
         tops, params = [None] * len(layer.top), [] if L.learnable_blob_count(layer) == 0 else None
         if all(is_complete(b) for b in bottoms):  # else the cause is upstream, already reported or a missing LMDB
             detail = why if isinstance(why, Unknown) else f"cannot infer its shape ({why})"

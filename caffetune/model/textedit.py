@@ -225,6 +225,8 @@ def format_value(parent: Message, fd: FieldDescriptor, value, indent: str = "", 
     else:
         setattr(holder, fd.name, value)
     written = to_text(holder, one_line).rstrip("\n")
+    if fd.type == FieldDescriptor.TYPE_STRING:   # text_format escapes ' inside "...": param_str "'num_classes': 7"
+        written = re.sub(r"(?<!\\)((?:\\\\)*)\\'", r"\1'", written)
     if one_line:
         return written
     lines = written.split("\n")

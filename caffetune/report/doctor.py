@@ -3,9 +3,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from caffetune.model import caffe_tools
-from caffetune.model import schema
 from caffetune.errors import CaffetuneError
+from caffetune.model import caffe_tools, schema
 
 
 @dataclass

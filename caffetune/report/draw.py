@@ -13,12 +13,10 @@ import graphviz
 from google.protobuf.message import Message
 
 from caffetune import files
-from caffetune.model import heads
-from caffetune.surgery import class_layers, lr_policy
-from caffetune.model import prototxt
-from caffetune.model import shapes
-from caffetune.model import layers as L
 from caffetune.errors import CaffetuneError, NetError
+from caffetune.model import heads, prototxt, shapes
+from caffetune.model import layers as L
+from caffetune.surgery import class_layers, lr_policy
 
 FORMATS = ("png", "svg", "pdf", "dot")
 STATE_COLOURS = {"frozen": "#9ecae1", "fine-tuned": "#a1d99b", "new": "#f768a1"}

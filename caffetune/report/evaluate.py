@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from caffetune import files
-from caffetune.model import caffe_tools
-from caffetune.data import imagelist
-from caffetune.data import lmdb_reader
-from caffetune.data import mean
-from caffetune.model import prototxt
+from caffetune.data import imagelist, lmdb_reader, mean
 from caffetune.errors import DatasetError, NetError
+from caffetune.model import caffe_tools, prototxt
 
 TEXT_MATRIX_LIMIT = 30   # above this many classes the text report lists the largest confusions instead
 
@@ -218,8 +215,9 @@ def format_report(report: EvalReport) -> str:
 
 
 def confusion_png(report: EvalReport) -> bytes:
-    from caffetune.train import plots  # noqa: F401,PLC0415 - selects the Agg backend
     import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    from caffetune.train import plots  # noqa: F401,PLC0415 - selects the Agg backend
 
     size = min(4 + 0.4 * len(report.class_names), 20)
     fig, ax = plt.subplots(figsize=(size, size))

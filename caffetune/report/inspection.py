@@ -16,16 +16,11 @@ from pathlib import Path
 
 from google.protobuf.message import Message
 
-from caffetune.model import caffe_tools
-from caffetune.transfer import graft
-from caffetune.model import heads
-from caffetune.surgery import class_layers, lr_policy
-from caffetune.model import prototxt
-from caffetune.model import shapes
-from caffetune.model import caffemodels
-from caffetune.model import layers as L
 from caffetune.errors import CaffetuneError, NetError
-
+from caffetune.model import caffe_tools, caffemodels, heads, prototxt, shapes
+from caffetune.model import layers as L
+from caffetune.surgery import class_layers, lr_policy
+from caffetune.transfer import fillers, graft
 
 # pycaffe allocates every blob of the net (for the whole batch): above this, shapes come from inference alone.
 PYCAFFE_MAX_BYTES = int(float(os.environ.get("CAFFETUNE_PYCAFFE_MAX_BYTES", 2e9)))
@@ -112,7 +107,7 @@ def without_fillers(net: Message) -> Message:
         params = L.param_message(layer)
         if params is None:
             continue
-        for name in graft.filler_fields(params):
+        for name in fillers.filler_fields(params):
             params.ClearField(name)  # an unwritten filler is Caffe's constant 0
     return copy
 

@@ -308,7 +308,7 @@ def find_anchors(net: Message) -> tuple[_Graph, list[_Anchor], list[_Anchor]]:
     """(graph, class anchors, objectness anchors) of the net."""
     graph = _Graph(net)
     anchors = []
-    for index, layer in enumerate(graph.entries):
+    for index in range(len(graph.entries)):
         kind = graph.kind(index)
         if kind in DETECTION_CONSUMERS:
             anchors += _detection_anchor(graph, index)
@@ -358,12 +358,12 @@ def analyze(net: Message, heads_chosen: tuple[str, ...] = ()) -> Analysis | None
     task = dense_task(graph, anchors + objectness)
     if task is None:
         return None
-    from caffetune.surgery import class_settings   # the settings half of the analysis
+    from caffetune.surgery import class_settings  # the settings half of the analysis
 
     anchors = _choose_group(graph, anchors, objectness, heads_chosen)
     count = anchors[0].count
-    analysis = Analysis(task, count, _background(graph, anchors, task))
-    analysis.layers = _class_layers(graph, anchors, count)
+    analysis = Analysis(task, count, class_settings.background(graph, anchors, task))
+    analysis.layers = class_settings.class_layers(graph, anchors, count)
     class_settings.add_regressors(graph, analysis)
     class_settings.add_settings(graph, analysis, anchors)
     analysis.kept += [f"{graph.entries[i].name}: class-agnostic objectness score of a region proposal network "
@@ -375,7 +375,7 @@ def analyze(net: Message, heads_chosen: tuple[str, ...] = ()) -> Analysis | None
 
 def _describe(graph: _Graph, anchor: _Anchor) -> str:
     names = ", ".join(dict.fromkeys(graph.entries[i].name for i, _ in anchor.trace.hits))
-    return f"{anchor.count} ({names} -> {graph.entries[anchor.layer].name})"
+    return f"{names} -> {graph.entries[anchor.layer].name}"
 
 
 def _choose_group(graph: _Graph, anchors: list[_Anchor], objectness: list[_Anchor],
@@ -405,56 +405,6 @@ def _choose_group(graph: _Graph, anchors: list[_Anchor], objectness: list[_Ancho
         raise NetError(f"the net has class outputs with different class counts ({listing})",
                        fix="choose one task's class layers with --head NAME (one of its layers is enough)")
     return anchors
-
-
-def _background(graph: _Graph, anchors: list[_Anchor], task: str) -> bool | None:
-    flags = {anchor.background for anchor in anchors if anchor.background is not None}
-    if flags:
-        return True in flags
-    kinds = {graph.kind(i) for i in range(len(graph.entries))}
-    return True if task == "detection" and kinds & ROI_POOLING else None
-
-
-def _class_layers(graph: _Graph, anchors: list[_Anchor], count: int) -> list[ClassLayer]:
-    found: dict[int, ClassLayer] = {}
-    for anchor in anchors:
-        consumer = graph.entries[anchor.layer]
-        for index, factor in anchor.trace.hits:
-            layer = graph.entries[index]
-            width = layers.num_output(layer)
-            if width % count:
-                raise NetError(f"{layer.name} has {width} outputs, not a multiple of the {count} classes "
-                               f"{consumer.name} ({graph.kind(anchor.layer)}) sees", where=layer.name,
-                               fix="check the net: its class count is inconsistent; nothing was rewritten")
-            multiple = width // count
-            if factor > 1 and multiple % factor:
-                raise NetError(f"{layer.name} has {width} outputs, not {count} classes x {factor} position-"
-                               f"sensitive maps", where=layer.name, fix="check the net's group_size and output_dim")
-            previous = found.get(index)
-            if previous is not None:
-                continue
-            found[index] = ClassLayer(layer.name, index, graph.kind(index), width, multiple,
-                                      _reason(graph, anchor, multiple, factor), _group(layer), _fixed(layer))
-    return [found[index] for index in sorted(found)]
-
-
-def _reason(graph: _Graph, anchor: _Anchor, multiple: int, factor: int) -> str:
-    consumer = f"{graph.entries[anchor.layer].name} ({graph.kind(anchor.layer)})"
-    if factor > 1:
-        return f"{factor} position-sensitive maps per class, pooled for {consumer}"
-    if multiple > 1:
-        return f"{multiple} per location x classes, scores for {consumer}"
-    return f"class scores for {consumer}"
-
-
-def _group(layer: Message) -> int:
-    params = layers.param_message(layer)
-    return params.group if params is not None and "group" in params.DESCRIPTOR.fields_by_name else 1
-
-
-def _fixed(layer: Message) -> bool:
-    mults = layers.lr_mults(layer)
-    return bool(mults) and all(m == 0 for m in mults) and (len(layer.param) > 0 or len(layer.blobs_lr) > 0)
 
 
 def summary(net: Message) -> tuple[list[str], str] | None:

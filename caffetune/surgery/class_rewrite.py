@@ -11,7 +11,7 @@ one line per change, with its reason.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from google.protobuf.message import Message
 
@@ -43,20 +43,24 @@ def _resize(net: Message, entry: ClassLayer, new_name: str, count: int, classes:
     layer = _layer(net, new_name)
     params = layers.param_message(layer)
     rename = f" (renamed {new_name})" if new_name != entry.name else ""
-    lines.append(f"{entry.name}{rename}: {entry.type} num_output {entry.num_output} -> {size}: {entry.reason}")
+    lines.append(f"{entry.name}{rename}: {entry.type} num_output {_change(entry.num_output, size)}: {entry.reason}")
     if entry.group > 1:
-        group = size if entry.group == entry.num_output else entry.group // count * classes
         if entry.group != entry.num_output and entry.group % count:
             raise NetError(f"{entry.name}: group {entry.group} is not tied to the {count} classes", where=entry.name,
                            fix="edit the net by hand; caffetune will not guess")
+        group = size if entry.group == entry.num_output else entry.group // count * classes
         params.group = group
-        lines.append(f"{entry.name}: group {entry.group} -> {group} (one group per class map)")
+        lines.append(f"{entry.name}: group {_change(entry.group, group)} (one group per class map)")
     elif entry.fixed and entry.type == "Deconvolution" and not params.HasField("weight_filler"):
         params.group = size
         params.weight_filler.type = "bilinear"
         lines.append(f"{entry.name}: fixed upsampling (lr_mult 0) with no filler would start at zero once renamed: "
                      f"weight_filler bilinear, group {size} (per-class interpolation)")
     return net
+
+
+def _change(old, new) -> str:
+    return f"{old} (unchanged)" if old == new else f"{old} -> {new}"
 
 
 def _set_path(message: Message, path: tuple, value) -> None:
@@ -96,7 +100,7 @@ def _apply_setting(net: Message, setting: Setting, classes: int, class_weights: 
     else:
         _set_path(layer, setting.path, new)
     field = ".".join(str(step) for step in setting.path)
-    lines.append(f"{setting.layer}: {field} {setting.old} -> {new}: {setting.reason}")
+    lines.append(f"{setting.layer}: {field} {_change(setting.old, new)}: {setting.reason}")
     return result
 
 

@@ -1,5 +1,7 @@
-"""The second half of the class-count analysis (see class_layers): box regressors beside per-RoI classifiers, and
-the non-learnable settings that carry the class count K.
+"""The second half of the class-count analysis (see class_layers): the class layers' multiples, box regressors
+beside per-RoI classifiers, and the non-learnable settings that carry the class count K.
+
+    class_layers(graph, anchors, count)       # each traced learnable layer: O = multiple x K, or refused
 
     add_regressors(graph, analysis)           # Fast/Faster R-CNN bbox_pred (4K), R-FCN rfcn_bbox (4K x k^2)
     add_settings(graph, analysis, anchors)    # num_classes, Reshape dims, output_dim, param_str, class_weighting
@@ -11,12 +13,78 @@ from google.protobuf.message import Message
 
 from caffetune.errors import NetError
 from caffetune.model import layers
-from caffetune.surgery.class_layers import (COUNT_KEY, COUNT_ONLY, DETECTION_CONSUMERS, PASS, PS_POOLING, ROI_POOLING,
-                                            SOFTMAX_FAMILY, Analysis, ClassLayer, Setting, _Graph, _fixed, _group,
-                                            _python_kind, _upstream_types, is_learnable)
+from caffetune.surgery.class_layers import (
+    COUNT_KEY,
+    COUNT_ONLY,
+    DETECTION_CONSUMERS,
+    PASS,
+    PS_POOLING,
+    ROI_POOLING,
+    SOFTMAX_FAMILY,
+    Analysis,
+    ClassLayer,
+    Setting,
+    _Anchor,
+    _Graph,
+    _python_kind,
+    _upstream_types,
+    is_learnable,
+)
 
 BOX = 4                  # coordinates per box
 AGNOSTIC_WIDTHS = (4, 8)  # one box, or background + object boxes (py-R-FCN's class-agnostic regression)
+
+
+def background(graph: _Graph, anchors: list[_Anchor], task: str) -> bool | None:
+    flags = {anchor.background for anchor in anchors if anchor.background is not None}
+    if flags:
+        return True in flags
+    kinds = {graph.kind(i) for i in range(len(graph.entries))}
+    return True if task == "detection" and kinds & ROI_POOLING else None
+
+
+def class_layers(graph: _Graph, anchors: list[_Anchor], count: int) -> list[ClassLayer]:
+    found: dict[int, ClassLayer] = {}
+    for anchor in anchors:
+        consumer = graph.entries[anchor.layer]
+        for index, factor in anchor.trace.hits:
+            layer = graph.entries[index]
+            width = layers.num_output(layer)
+            if width % count:
+                raise NetError(f"{layer.name} has {width} outputs, not a multiple of the {count} classes "
+                               f"{consumer.name} ({graph.kind(anchor.layer)}) sees", where=layer.name,
+                               fix="check the net: its class count is inconsistent; nothing was rewritten")
+            multiple = width // count
+            if factor > 1 and multiple % factor:
+                raise NetError(f"{layer.name} has {width} outputs, not {count} classes x {factor} position-"
+                               f"sensitive maps", where=layer.name, fix="check the net's group_size and output_dim")
+            previous = found.get(index)
+            if previous is not None:
+                continue
+            found[index] = ClassLayer(layer.name, index, graph.kind(index), width, multiple,
+                                      _reason(graph, anchor, multiple, factor), _group(layer), _fixed(layer))
+    return [found[index] for index in sorted(found)]
+
+
+def _reason(graph: _Graph, anchor: _Anchor, multiple: int, factor: int) -> str:
+    layer, kind = graph.entries[anchor.layer], graph.kind(anchor.layer)
+    scoring = kind in SOFTMAX_FAMILY or kind in DETECTION_CONSUMERS or kind.endswith("Loss")
+    consumer = f"{layer.name} ({kind})" if scoring else f"the net's output {layer.top[0]}"
+    if factor > 1:
+        return f"{factor} position-sensitive maps per class, pooled for {consumer}"
+    if multiple > 1:
+        return f"{multiple} per location x classes, scores for {consumer}"
+    return f"class scores for {consumer}"
+
+
+def _group(layer: Message) -> int:
+    params = layers.param_message(layer)
+    return params.group if params is not None and "group" in params.DESCRIPTOR.fields_by_name else 1
+
+
+def _fixed(layer: Message) -> bool:
+    mults = layers.lr_mults(layer)
+    return bool(mults) and all(m == 0 for m in mults) and (len(layer.param) > 0 or len(layer.blobs_lr) > 0)
 
 
 def _ps_pool_after(graph: _Graph, index: int, hops: int = 3) -> int | None:
@@ -46,7 +114,7 @@ def _per_roi(graph: _Graph, layer: ClassLayer) -> bool:
 
 def add_regressors(graph: _Graph, analysis: Analysis) -> None:
     """Box regressors sharing the input of a per-RoI class layer: class-specific at 4K per RoI, else agnostic."""
-    count, known = analysis.count, {layer.index for layer in analysis.layers}
+    known = {layer.index for layer in analysis.layers}
     for cls in list(analysis.layers):
         source = graph.entries[cls.index].bottom[:1]
         if not source or not _per_roi(graph, cls):
@@ -234,7 +302,7 @@ def label_layers(net: Message, count: int, skip: set[int] = frozenset()) -> list
         if index in skip or layers.num_output(layer) != count or not labels & set(layer.bottom[1:]):
             continue
         found.append(ClassLayer(layer.name, index, layers.type_name(layer), count, 1,
-                                f"one learned entry per class, indexed by the label {layer.bottom[1]}"))
+                                f"one learned entry per class, indexed by the label blob {layer.bottom[1]}"))
     return found
 
 

@@ -10,14 +10,19 @@ heads, fixed upsampling layers stay fixed, and the plan lists every change with 
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from google.protobuf.message import Message
 
 from caffetune.model import layers
 from caffetune.model.heads import Head
-from caffetune.surgery import class_rewrite, class_settings, lr_policy, net_edits
-from caffetune.surgery import derive
+from caffetune.surgery import (
+    class_rewrite,
+    class_settings,
+    derive,
+    lr_policy,
+    net_edits,
+)
 from caffetune.surgery import rewrite as rw
 from caffetune.surgery.class_layers import Analysis
 

@@ -30,8 +30,9 @@ def layer_states(net: Message) -> dict[str, str]:
         if layers.learnable_blob_count(layer) == 0:
             continue
         if layers.type_name(layer) == "BatchNorm":
-            frozen = layer.batch_norm_param.use_global_stats if layer.batch_norm_param.HasField(
-                "use_global_stats") else False
+            params = layers.param_message(layer)    # None under a fork schema without batch_norm_param
+            frozen = params is not None and "use_global_stats" in params.DESCRIPTOR.fields_by_name and \
+                params.HasField("use_global_stats") and params.use_global_stats
             states[layer.name] = FROZEN if frozen else FINE_TUNED
             continue
         mults = layers.lr_mults(layer)

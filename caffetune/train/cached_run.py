@@ -1,5 +1,7 @@
 """`run --cache-features`: the pieces a run directory needs to train the top on cached trunk outputs.
 
+    CacheHook     the runner's RunHook: before the launch, decide (on when exact, unless told otherwise) and point
+                  caffe at the top; after caffe stops, make the snapshots full-net caffemodels; on --resume, the top
     prepare()     find the cut, build or reuse the feature cache (progress per batch), write top.prototxt and
                   top-solver.prototxt into the run directory (and the mirror sequence, when the TRAIN transform
                   mirrors); returns what caffe is started with and what run.json records
@@ -11,16 +13,16 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from google.protobuf.message import Message
 
 from caffetune import files
-from caffetune.errors import CaffetuneError
+from caffetune.errors import CaffetuneError, RunError
 from caffetune.model import caffe_tools, caffemodels, prototxt
-from caffetune.transfer import feature_cache, graft, top_net, trunk_cut
+from caffetune.transfer import feature_cache, graft, mirror_replay, top_net, trunk_cut
 
 TOP_NET = "top.prototxt"
 TOP_SOLVER = "top-solver.prototxt"
@@ -45,7 +47,7 @@ def decline_reason(net: Message) -> str | None:
         cut = trunk_cut.find_cut(net)
         feature_cache.check_transform(cut)
     except CaffetuneError as error:
-        return error.what if hasattr(error, "what") else str(error)
+        return error.what
     return None
 
 
@@ -61,9 +63,9 @@ def prepare(run_dir: Path, net_file: str, net: Message, solver: Message, weights
     sources = {phase: cache.list_file(phase) for phase in cut.phases}
     batches = {phase: cache.phase(phase)["batch"] for phase in cut.phases}
     if exact.mirror:
-        rows = feature_cache.sequence_rows(solver, batches["TRAIN"])
+        rows = mirror_replay.sequence_rows(solver, batches["TRAIN"])
         seed = solver.random_seed if solver.HasField("random_seed") else None
-        sources["TRAIN"] = feature_cache.write_mirror_sequence(cache, run_dir / SEQUENCE_DIR, rows, seed)
+        sources["TRAIN"] = mirror_replay.write_mirror_sequence(cache, run_dir / SEQUENCE_DIR, rows, seed)
     names = {phase: cache.phase(phase)["datasets"] for phase in cut.phases}
     top = top_net.build(net, cut, sources, names, batches)
     start = _start_weights(run_dir, net_file, solver, weights, cut, install)
@@ -120,3 +122,93 @@ def finish(run_dir: Path, cached: CachedRun) -> list[Path]:
 
 def is_full_net(path: Path, cut: trunk_cut.Cut) -> bool:
     return not top_net.is_top_only(path, cut) and bool(caffemodels.read_layers(path))
+
+
+# --- the runner's hook ------------------------------------------------------------------------------------------------
+def _info(text: str):
+    from caffetune.train.events import Notice
+
+    return Notice("info", text)
+
+
+def _net_file(prepared) -> str:
+    names = prepared.solver_fields.get("net") or []
+    if len(names) != 1 or any(k in prepared.solver_fields for k in ("train_net", "test_net")):
+        raise RunError("--cache-features needs the solver's net in one file (net: train_val.prototxt)",
+                       fix="write TRAIN and TEST in one train_val.prototxt named by `net:`, or run without "
+                           "--cache-features")
+    return names[0]
+
+
+class CacheHook:
+    """RunHook of `run --cache-features` (`insist`: True refuses with the reason, None uses the cache when exact)."""
+
+    def __init__(self, insist: bool | None = None):
+        self.insist = insist
+        self.cached: CachedRun | None = None
+
+    def _applicable(self, prepared, launch) -> tuple[str, Message]:
+        if prepared.snapshot is not None:
+            raise RunError("--cache-features starts from weights, not from a --snapshot of a plain run",
+                           fix="drop --snapshot, or run without --cache-features")
+        if len(launch.weights) != 1:
+            raise RunError("--cache-features needs exactly one --weights caffemodel: the frozen trunk's weights",
+                           fix="pass the pretrained weights with --weights, or run without --cache-features")
+        name = _net_file(prepared)
+        return name, prepared.nets[name]
+
+    def before_launch(self, run_dir: Path, prepared, solver: Message, launch, install, callback):
+        try:
+            name, net = self._applicable(prepared, launch)
+            if self.insist is None:               # on by default only where the cache gives the same run
+                reason = decline_reason(net)
+                if reason:
+                    callback(_info(f"feature cache not used: {reason}"))
+                    return launch
+            self.cached = prepare(run_dir, name, net, solver, launch.weights[0], install, progress=callback)
+        except CaffetuneError as error:
+            if self.insist:
+                raise
+            callback(_info(f"feature cache not used: {error.what}"))
+            return launch
+        for line in summary(self.cached):
+            callback(_info(line))
+        return replace(launch, solver=self.cached.solver, weights=[self.cached.weights],
+                       record=launch.record | {"feature_cache": self.cached.record})
+
+    def before_resume(self, run_dir: Path, launch, install, callback):
+        self.cached = load(run_dir)
+        if self.cached is None:
+            return launch
+        rebuild_if_evicted(run_dir, self.cached, install, callback)
+        return replace(launch, solver=self.cached.solver)
+
+    def after_run(self, run_dir: Path, callback) -> None:
+        if self.cached is None:
+            return
+        done = finish(run_dir, self.cached)
+        if done:
+            callback(_info(f"full-net caffemodels (trunk from {self.cached.original_weights.name}): "
+                           f"{', '.join(p.name for p in done)}"))
+
+
+def summary(cached: CachedRun) -> list[str]:
+    record, cut = cached.record, cached.cut
+    cache = record["cache"]
+    pass_text = "reused" if cache["reused"] else f"computed in {cache['pass_seconds']:.1f} s"
+    lines = [f"feature cache: frozen trunk of {len(cut.trunk)} layers ({len(cut.frozen)} with weights) runs once; "
+             f"caffe trains the top ({', '.join(cut.top)}) on {', '.join(cut.phases['TRAIN'].blobs)}",
+             f"feature cache: {feature_cache.describe_bytes(cache['bytes'])} in {cache['folder']} ({pass_text})"]
+    return lines + [f"feature cache: {note}" for note in record["notes"]]
+
+
+def rebuild_if_evicted(run_dir: Path, cached: CachedRun, install, callback) -> None:
+    """--resume after the cache was evicted: compute it again (same key, same files the top net names)."""
+    top = prototxt.load(Path(run_dir) / TOP_NET)
+    sources = [Path(layer.hdf5_data_param.source) for layer in top.layer if layer.type == "HDF5Data"]
+    if all(path.is_file() for path in sources):
+        return
+    callback(_info("feature cache: evicted since the run started; computing it again"))
+    net = prototxt.load(cached.full_net)
+    solver = prototxt.load(Path(run_dir) / "solver.prototxt", "SolverParameter")
+    prepare(Path(run_dir), cached.full_net.name, net, solver, cached.original_weights, install, progress=callback)

@@ -5,13 +5,13 @@ Each dataset is scanned once (data_scan: one streaming pass, sizes sampled where
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
+import lmdb
 from google.protobuf.message import Message
 
 from caffetune.data import mean
-from caffetune.errors import CaffetuneError, Problem
+from caffetune.errors import CaffetuneError, DatasetError, Problem
 from caffetune.model import heads as heads_module
 from caffetune.model import layers
 from caffetune.train import data_scan
@@ -55,7 +55,7 @@ def check_data_source(layer: Message, where: str) -> list[Problem]:
     if not source.exists():
         return [error(f"data source {source} does not exist", where,
                       "build it with `caffetune build-lmdb`, or fix the path (caffe resolves relative paths from "
-                      "the folder it is started in)")]
+                      "the folder it is started in)", "caffe aborts when it sets up the data layer")]
     if source.is_file():
         return [error(f"data source {source} is a file inside the database, not the database", where,
                       f'set source: "{source.parent}" (the folder that holds {source.name})')]
@@ -66,7 +66,7 @@ def check_data_source(layer: Message, where: str) -> list[Problem]:
     if kind != backend:
         default = " (the default when backend is not set)" if not layer.data_param.HasField("backend") else ""
         return [error(f"data source {source} is a {kind} database but backend is {backend}{default}", where,
-                      f"add `backend: {kind}` to data_param")]
+                      f"add `backend: {kind}` to data_param", "caffe aborts when it opens the database")]
     return []
 
 
@@ -82,7 +82,7 @@ def check_list_scan(scan: data_scan.DataScan, params: Message, where: str) -> li
         shown = "; ".join(f"{scan.source}:{number}: {path}" for number, path in scan.missing[:3])
         root = params.root_folder
         problems.append(error(
-            f"{scan.missing_count} of the {scan.count} images listed in {scan.source} do not exist under "
+            f"{scan.missing_count} of the {scan.count} images listed in {scan.source} are missing under "
             f'root_folder "{root}" (e.g. {shown})', where,
             "set image_data_param.root_folder to the folder the list's paths are relative to (with a trailing /)"
             if scan.missing_count == scan.count else "remove the missing images from the list, or restore them",
@@ -107,7 +107,9 @@ def check_labels(scan: data_scan.DataScan, head_list: list, where: str) -> list[
                 f"labels {shown} in {scan.source} are outside 0..{head.num_output - 1}: head {head.name} has "
                 f"num_output {head.num_output} but the data has {high + 1} classes", where,
                 f"set {head.name}'s num_output to {high + 1} (`caffetune rewrite --classes {high + 1}`) or "
-                "rebuild the database with labels 0..N-1"))
+                "rebuild the database with labels 0..N-1",
+                "release builds of Caffe do not check labels: the loss reads scores that do not exist (a garbage "
+                "loss, or a crash)"))
     return problems
 
 
@@ -125,8 +127,8 @@ def check_transposed(scan: data_scan.DataScan, where: str) -> list[Problem]:
         return []
     key = scan.sizes[shape][0]
     return [error(f"the records of {scan.source} look transposed: record {key} says {shape[0]} channels of "
-                  f"{shape[1]}x{shape[2]} pixels, i.e. a {shape[0]}x{shape[1]} image with {shape[2]} channels "
-                  "stored as H x W x C", where,
+                  f"{shape[1]}x{shape[2]} pixels: images of {shape[0]}x{shape[1]} pixels with {shape[2]} "
+                  "channels stored as H x W x C", where,
                   "rebuild the database with `caffetune build-lmdb`, or transpose each image to C x H x W "
                   "(image.transpose(2, 0, 1)) before caffe.io.array_to_datum",
                   "caffe reads every Datum as C x H x W: conv1 would see one 'channel' per image row")]
@@ -183,7 +185,8 @@ def check_transform(params: Message, sizes: dict, where: str) -> list[Problem]:
     if len(params.mean_value) not in (0, 1, channels):
         wanted = "one mean_value entry" if channels == 1 else f"one mean_value entry, or {channels} (one per channel)"
         problems.append(error(f"{len(params.mean_value)} mean_value entries for {channels}-channel images", where,
-                              f"give {wanted}"))
+                              f"give {wanted}",
+                              "caffe stops with `Specify either 1 mean_value or as many as channels`"))
     crop = params.crop_size
     small = [(shape, key) for shape, (key, _count) in sizes.items() if crop > min(shape[1], shape[2])]
     if crop and small:
@@ -232,7 +235,9 @@ def check_channels(net: Message, layer: Message, channels: int, pretrained: dict
     return [error(f"the data is {kind} ({channels} channel(s)) but {conv.name}'s pretrained weights expect "
                   f"{expected} channels", where,
                   "rebuild the database in color (`caffetune build-lmdb` without --gray)" if channels == 1 and
-                  expected == 3 else f"rebuild the database with {expected} channels")]
+                  expected == 3 else f"rebuild the database with {expected} channels",
+                  f"caffe stops copying the weights with `Cannot copy param 0 weights from layer '{conv.name}'; "
+                  "shape mismatch`")]
 
 
 # --- order ------------------------------------------------------------------------------------------------------
@@ -268,6 +273,9 @@ class _Scans:
                 self.done[key] = (scan(), None)
             except CaffetuneError as failure:
                 self.done[key] = (None, failure)
+            except (OSError, lmdb.Error) as failure:   # unreadable file, corrupt database
+                self.done[key] = (None, DatasetError(f"{type(failure).__name__}: {failure}", where=str(key[1]),
+                                                     fix="rebuild it with `caffetune build-lmdb`"))
         return self.done[key]
 
 
@@ -289,8 +297,8 @@ def _data_layer(run: Run, name: str, layer: Message, scans: _Scans) -> tuple[dat
         return scan, problems + found
     sizes = _effective_sizes(scan, params)
     if sizes:
-        problems += check_sizes(sizes, scan, params.crop_size, where, f"rebuild the database at one size ({REBUILD} "
-                                "--resize WxH)") or check_transform(params, sizes, where)
+        problems += check_sizes(sizes, scan, params.crop_size, where, "rebuild the database at one size "
+                                "(`caffetune build-lmdb --resize WxH`)") or check_transform(params, sizes, where)
         problems += check_channels(net, layer, next(iter(sizes))[0], run.pretrained, where)
     if "TRAIN" in layers.phases(layer) and "TRAIN" in run.phases(name):
         problems += check_class_order(scan, layer.data_param.batch_size, where,
@@ -309,8 +317,10 @@ def _image_data_layer(run: Run, name: str, layer: Message, scans: _Scans) -> tup
         return None, [error("image_data_param sets only one of new_height and new_width", where,
                             "set both (to resize) or neither", "caffe refuses it when it sets the layer up")]
     resized = bool(params.new_height)
-    scan, _failure = scans.get(("list", source, params.root_folder, resized, params.is_color),
-                               lambda: data_scan.scan_list(source, params.root_folder, resized, params.is_color))
+    scan, failure = scans.get(("list", source, params.root_folder, resized, params.is_color),
+                              lambda: data_scan.scan_list(source, params.root_folder, resized, params.is_color))
+    if failure is not None:
+        return None, [error(f"cannot read the image list: {failure.what}", failure.where or where, "fix the file")]
     problems = check_list_scan(scan, params, where)
     if not scan.count:
         return scan, problems
@@ -342,7 +352,3 @@ def check_data(run: Run) -> list[Problem]:
             for phase in set(layers.phases(layer)) & set(run.phases(name)):
                 run.scans[(name, layer.name, phase)] = scan
     return problems
-
-
-def iterations_to_cover(size: int, batch: int) -> int:
-    return max(1, math.ceil(size / batch))

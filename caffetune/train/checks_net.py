@@ -25,7 +25,7 @@ from caffetune.errors import Problem
 from caffetune.model import heads as heads_module
 from caffetune.model import layers, shapes
 from caffetune.model.caffe_tools import CaffeInstall
-from caffetune.train.checks_common import Run, batch_size, error, layer_where, warning
+from caffetune.train.checks_common import Run, batch_size, error, layer_where, plural, warning
 
 
 def check_accuracy_top_k(net: Message, name: str) -> list[Problem]:
@@ -41,7 +41,8 @@ def check_accuracy_top_k(net: Message, name: str) -> list[Problem]:
             problems.append(error(f"Accuracy layer {layer.name} has top_k {top_k} but {head.name} scores only "
                                   f"{head.num_output} classes", layer_where(name, layer),
                                   f"set accuracy_param.top_k <= {head.num_output} (or drop the top-{top_k} "
-                                  "accuracy layer)"))
+                                  "accuracy layer)",
+                                  "caffe stops with `top_k must be less than or equal to the number of classes`"))
     return problems
 
 
@@ -232,7 +233,8 @@ def _phase_batch(run: Run, name: str, phase: str) -> int | None:
 
 def check_batch_norm(run: Run) -> list[Problem]:
     """BatchNorm normalising by the statistics of a batch of one: on 1x1 inputs (after an InnerProduct) its output
-    is exactly zero; on feature maps each image is normalised by its own statistics, unlike at test time."""
+    is exactly zero; on feature maps each image is normalised by its own statistics, unlike at test time. One
+    finding per net, phase and kind, naming the layers."""
     problems = []
     for name, net in run.nets.items():
         if layers.is_v1(net):
@@ -242,27 +244,46 @@ def check_batch_norm(run: Run) -> list[Problem]:
                 continue
             batch_norms = [layer for layer in run.layers_in(name, phase)
                            if layers.type_name(layer) == "BatchNorm" and _uses_batch_statistics(layer, phase)]
-            inferred = shapes.infer(net, phase) if batch_norms else None
+            if not batch_norms:
+                continue
+            inferred = shapes.infer(net, phase)
+            zeroed, per_image = [], []
             for layer in batch_norms:
-                problems.append(_batch_norm_problem(name, layer, phase, inferred.blobs.get(layer.bottom[0])
-                                                    if layer.bottom else None))
+                shape = inferred.blobs.get(layer.bottom[0]) if layer.bottom else None
+                (zeroed if _is_1x1(shape) else per_image).append(layer)
+            problems += _batch_norm_problems(name, phase, zeroed, per_image)
     return problems
 
 
-def _batch_norm_problem(name: str, layer: Message, phase: str, shape) -> Problem:
-    where = f"{name}: layer {layer.name} ({phase})"
-    setting = ("use_global_stats: false" if layer.batch_norm_param.HasField("use_global_stats")
-               else f"use_global_stats unset, which means false in {phase}")
-    fix = (f"use a {phase} batch_size of at least 2 (8 or more for stable statistics), or freeze the layer with "
-           "batch_norm_param { use_global_stats: true } (and lr_mult: 0 on its three param blocks)")
-    spatial = 1
-    for dim in (shape or (None, None))[2:]:
-        spatial = None if dim is None or spatial is None else spatial * dim
-    if shape is not None and len(shape) >= 2 and spatial == 1:
-        return error(f"BatchNorm {layer.name} computes batch statistics ({setting}) over a batch of 1 on a "
-                     f"{'x'.join(map(str, shape[1:]))} input", where, fix,
-                     "each channel's mean over one value is that value, so the layer outputs all zeros: nothing "
-                     "after it can learn")
-    return warning(f"BatchNorm {layer.name} computes batch statistics ({setting}) over a batch of 1", where, fix,
-                   "each image is normalised by its own statistics, which differ from the running averages used "
-                   "at test time, and the running averages are computed from single images")
+def _is_1x1(shape) -> bool:
+    """A (N, C) or (N, C, 1, 1) blob: one value per channel and image."""
+    return shape is not None and len(shape) >= 2 and all(dim == 1 for dim in shape[2:])
+
+
+def _names(found: list[Message]) -> str:
+    shown = ", ".join(layer.name for layer in found[:4])
+    return shown + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+
+
+def _verb(found: list) -> str:
+    return "computes" if len(found) == 1 else "compute"
+
+
+def _batch_norm_problems(name: str, phase: str, zeroed: list, per_image: list) -> list[Problem]:
+    fix = (f"use a {phase} batch_size of at least 2 (8 or more for stable statistics), or freeze these layers with "
+           "batch_norm_param { use_global_stats: true } (and lr_mult: 0 on their three param blocks)")
+    setting = f"use_global_stats false, or unset, which means false in {phase}"
+    problems = []
+    if zeroed:
+        problems.append(error(
+            f"{plural(len(zeroed), 'BatchNorm layer')} ({_names(zeroed)}) {_verb(zeroed)} batch statistics ({setting}) "
+            "over a batch of 1 on a 1x1 input", f"{name}: layer {zeroed[0].name} ({phase})", fix,
+            "each channel's mean over one value is that value, so the layer outputs all zeros: nothing after it "
+            "can learn"))
+    if per_image:
+        problems.append(warning(
+            f"{plural(len(per_image), 'BatchNorm layer')} ({_names(per_image)}) {_verb(per_image)} batch statistics "
+            f"({setting}) over a batch of 1", f"{name}: layer {per_image[0].name} ({phase})", fix,
+            "each image is normalised by its own statistics, which differ from the running averages used at test "
+            "time, and the running averages are computed from single images"))
+    return problems

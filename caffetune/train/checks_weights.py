@@ -27,7 +27,8 @@ def read_pretrained(paths: list[Path]) -> tuple[dict, list[Problem]]:
     merged, problems = {}, []
     for path in paths:
         if not Path(path).is_file():
-            problems.append(error(f"weights file {path} does not exist", str(path), "check the path of the .caffemodel"))
+            problems.append(error(f"weights file {path} does not exist", str(path),
+                                  "check the path of the .caffemodel"))
             continue
         try:
             merged.update({record.name: record.blobs for record in caffemodels.read_layers(path)})

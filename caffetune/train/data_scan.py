@@ -98,7 +98,7 @@ def image_header_size(data: bytes) -> tuple[int, int, int] | None:
             width, height = image.size
             channels = 1 if image.mode in _GRAY_MODES else 3
             orientation = image.getexif().get(0x0112, 1) if image.format == "JPEG" else 1
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None
     if orientation in (5, 6, 7, 8):   # rotated a quarter turn: OpenCV swaps width and height
         width, height = height, width

@@ -1,8 +1,8 @@
 """What a training run reports to its caller while it runs: notices and progress, through one callback."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ import json
 import math
 from pathlib import Path
 
-from caffetune.train.logparse import Record
 from caffetune.files import write_atomic
+from caffetune.train.logparse import Record
 
 CSV_NAME = "metrics.csv"
 JSONL_NAME = "metrics.jsonl"
@@ -81,7 +81,7 @@ class MetricsWriter:
         self.columns: dict[str, None] = {}
         self._jsonl = self._csv = None
 
-    def __enter__(self) -> "MetricsWriter":
+    def __enter__(self) -> MetricsWriter:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(self.run_dir / JSONL_NAME, "".join(record_to_json(r) + "\n" for r in self.records))
         self._jsonl = open(self.run_dir / JSONL_NAME, "a")

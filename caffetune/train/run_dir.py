@@ -11,13 +11,13 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
 import shlex
 import shutil
 import time
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 from google.protobuf.message import Message
 
@@ -22,13 +23,12 @@ from caffetune import files
 from caffetune.errors import RunError, RunInterrupted
 from caffetune.model import caffe_tools, prototxt
 from caffetune.model.caffe_tools import CaffeInstall
-from caffetune.train import launch, plots, preflight
+from caffetune.train import cached_run, launch, plots, preflight
 from caffetune.train import run_dir as run_files
 from caffetune.train.events import Callback, Notice, Progress, quiet
 from caffetune.train.logparse import Record
 from caffetune.train.metrics import MetricsWriter
-from caffetune.train.run_dir import (Prepared, default_name, newest_solverstate, prepare, resolve,
-                                     snapshot_iteration)
+from caffetune.train.run_dir import Prepared, default_name, newest_solverstate, prepare, resolve, snapshot_iteration
 from caffetune.train.watch import SATURATED_LOSS, Watch, images_per_loss, is_saturated
 from caffetune.transfer import head_fit
 
@@ -87,6 +87,8 @@ class RunOptions:
     # Given every log Record; a non-empty string returned asks caffe to snapshot and stop (a sweep's pruner).
     on_record: Callable[[Record], str | None] | None = field(default=None, repr=False)
     hook: RunHook | None = field(default=None, repr=False)
+    # --cache-features: True insists (refuses with the reason), None uses the cache when exact, False never.
+    cache_features: bool | None = None
 
 
 @dataclass
@@ -119,6 +121,8 @@ def start(options: RunOptions, callback: Callback = quiet, base: Path | None = N
     run_files.write_run_dir(run_dir, prepared, solver)
     weights = fit_new_heads(run_dir, prepared, options, callback) if options.fit_head else prepared.weights
     plan = Launch(run_dir / run_files.SOLVER_FILE, list(weights))
+    if options.hook is None and options.cache_features is not False:
+        options = replace(options, hook=cached_run.CacheHook(options.cache_features))
     if options.hook is not None:
         plan = options.hook.before_launch(run_dir, prepared, solver, plan, install, callback)
     command = launch.train_command(install, plan.solver, snapshot=prepared.snapshot, weights=plan.weights,
@@ -142,6 +146,8 @@ def resume(run_dir: Path | str, callback: Callback = quiet, options: RunOptions 
     for notice in notices:
         callback(notice)
     plan = Launch(run_dir / run_files.SOLVER_FILE)
+    if options.hook is None:          # a run that trained on cached features resumes its top net
+        options = replace(options, hook=cached_run.CacheHook())
     if options.hook is not None:
         plan = options.hook.before_resume(run_dir, plan, install, callback)
     state = newest_solverstate(run_dir)
@@ -154,7 +160,7 @@ def resume(run_dir: Path | str, callback: Callback = quiet, options: RunOptions 
 def _check(prepared: Prepared, install: CaffeInstall, callback: Callback, strict: bool) -> None:
     roles = {name: role for role, names in prepared.solver_fields.items() for name in names}
     report = preflight.check(prepared.nets, weights=prepared.weights, snapshot=prepared.snapshot, install=install,
-                             roles=roles)
+                             roles=roles, solver=prepared.solver)
     for line in report.info:
         callback(Notice("info", line))
     if not strict:

@@ -16,12 +16,12 @@ from pathlib import Path
 from google.protobuf.message import Message
 
 from caffetune import files
+from caffetune.errors import NetError, RunError
 from caffetune.model import heads as heads_module
 from caffetune.model import layers
 from caffetune.surgery import lr_policy
 from caffetune.train import run_dir as run_files
 from caffetune.train import runner
-from caffetune.errors import NetError, RunError
 
 
 @dataclass

@@ -29,25 +29,16 @@ from pathlib import Path
 from typing import Callable
 
 import optuna
-import sqlalchemy.exc
-from optuna.trial import TrialState
 
 from caffetune import files
 from caffetune.errors import RunError, SweepError
-from caffetune.model import caffe_tools
-from caffetune.model import prototxt
-from caffetune.train import preflight
-from caffetune.train import runner
-from caffetune.train import sweep_results
-from caffetune.train import sweep_space
+from caffetune.model import caffe_tools, prototxt
+from caffetune.train import preflight, runner, sweep_results, sweep_space
 from caffetune.train.logparse import Record, main_accuracy
 from caffetune.train.sweep_space import SearchSpace
+from caffetune.train.sweep_storage import ERROR_ATTR, counts, open_storage, open_study, storage_url
 
-STUDY_FILE = "study.db"
-CONFIG_ATTR = "caffetune_sweep"      # study user attribute: what the sweep searches and optimises
-ERROR_ATTR = "error"                 # trial user attribute of a trial that failed on its own (counts as finished)
 MAIN_ACCURACY = "accuracy"           # the default metric: the run's main accuracy (as best.caffemodel ranks)
-STAGING = ".staging"                 # runs/<name>/.staging/: a trial's solver until its run directory is written
 
 
 class SweepInterrupted(SweepError):
@@ -79,6 +70,7 @@ class SweepOptions:
     caffe: str | None = None
     early_stop: int | None = None
     fit_head: bool = False
+    cache_features: bool | None = None            # as `run`: None uses the feature cache when it is exact
     preflight: bool = True
 
 
@@ -130,79 +122,6 @@ def check_name(name: str) -> str:
     return name
 
 
-def storage_url(options: SweepOptions, base: Path) -> str:
-    if options.storage:
-        return options.storage
-    return f"sqlite:///{(base / options.runs_root / options.name / STUDY_FILE).resolve()}"
-
-
-def open_storage(url: str, heartbeat: int | None = None, grace: int | None = None,
-                 retries: int = 5) -> optuna.storages.RDBStorage:
-    """The study's RDB storage; a heartbeat when given. Processes starting together may race on creating the
-    tables, hence the retries; a server that cannot be reached is one clear error."""
-    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    for attempt in range(retries):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                callback = optuna.storages.RetryFailedTrialCallback(max_retry=3) if heartbeat else None
-                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat,
-                                                  grace_period=grace, failed_trial_callback=callback)
-        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError) as error:
-            if attempt == retries - 1 or "could not connect" in str(error) or "unable to open" in str(error):
-                raise SweepError(f"cannot open the study storage: {str(error.orig).strip()}", where=_safe(url),
-                                 fix="check the --storage URL, that the server runs and the database exists") \
-                    from None
-            time.sleep(0.5 + attempt)
-        except (sqlalchemy.exc.ArgumentError, ModuleNotFoundError, ValueError) as error:
-            raise SweepError(f"--storage {_safe(url)}: {error}", where=_safe(url),
-                             fix="sqlite:///PATH, postgresql://USER@HOST/DB or mysql://...") from None
-    raise AssertionError("unreachable")
-
-
-def _safe(url: str) -> str:
-    """A storage URL without its password, for messages."""
-    try:
-        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except sqlalchemy.exc.ArgumentError:
-        return url
-
-
-def open_study(options: SweepOptions, storage: optuna.storages.BaseStorage, direction: str) -> optuna.Study:
-    """Create the study, or join it; a study that searches something else under the same name is refused."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(seed=options.seed, constant_liar=True)
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=options.prune_startup,
-                                         n_warmup_steps=options.prune_warmup) if options.prune \
-        else optuna.pruners.NopPruner()
-    study = optuna.create_study(storage=storage, study_name=options.name, direction=direction, sampler=sampler,
-                                pruner=pruner, load_if_exists=True)
-    config = {"space": options.space.specs(), "metric": options.metric, "direction": direction,
-              "solver": str(options.solver)}
-    stored = study.user_attrs.get(CONFIG_ATTR)
-    if stored is None:
-        study.set_user_attr(CONFIG_ATTR, config)
-    elif (stored["space"], stored["metric"], stored["direction"]) != (config["space"], config["metric"], direction):
-        raise SweepError(f"the study {options.name} searches {', '.join(stored['space'])} for the "
-                         f"{stored['direction']} {stored['metric']}; this command asks for "
-                         f"{', '.join(config['space'])} ({direction} {options.metric})", where=_safe(storage_url(
-                             options, Path.cwd())) if options.storage else options.name,
-                         fix="give the same --param/--metric as the study, or another --name")
-    for values in options.enqueue:
-        study.enqueue_trial(values, skip_if_exists=True)
-    return study
-
-
-def counts(study: optuna.Study) -> tuple[int, int]:
-    """(finished, running) trials: finished is complete, pruned, or failed with its own error (a trial whose
-    process died is failed too, but queued again, so it does not count)."""
-    trials = study.get_trials(deepcopy=False)
-    finished = sum(1 for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-                   or (t.state == TrialState.FAIL and ERROR_ATTR in t.user_attrs))
-    return finished, sum(1 for t in trials if t.state == TrialState.RUNNING)
-
-
 @dataclass
 class _Base:
     """What every trial starts from: the solver (net paths absolute), its nets, the weights."""
@@ -221,9 +140,12 @@ def prepare_base(options: SweepOptions, base: Path, callback: Callable) -> _Base
     sweep_space.check_nets(prepared.nets, options.space)
     if options.preflight:
         roles = {name: role for role, names in prepared.solver_fields.items() for name in names}
-        report = preflight.check(prepared.nets, weights=prepared.weights, install=install, roles=roles)
+        report = preflight.check(prepared.nets, weights=prepared.weights, install=install, roles=roles,
+                                 solver=prepared.solver)
         for line in report.info:
             callback(runner.Notice("info", line))
+        for warning in report.warnings:
+            callback(runner.Notice("warning", str(warning)))
         report.raise_for_problems()
     solver = type(prepared.solver)()
     solver.CopyFrom(prepared.solver)
@@ -302,7 +224,7 @@ class _Objective:
         return self._finished(trial, values, watch, result)
 
     def _run(self, number: int, values: dict, watch: _TrialWatch) -> runner.RunResult:
-        staged = self.root / STAGING / f"trial-{number:04d}.solver.prototxt"
+        staged = self.root / f".trial-{number:04d}.solver.prototxt"   # until the run directory has its copy
         files.write_atomic(staged, prototxt.format(sweep_space.apply_solver(self.base_run.solver, values)))
         options = runner.RunOptions(
             solver=staged, weights=list(self.base_run.weights), name=f"trial-{number:04d}", runs_root=self.root,
@@ -310,7 +232,7 @@ class _Objective:
             early_stop=self.options.early_stop, preflight=False,
             fit_head=values.get("fit_head", self.options.fit_head),
             transform_net=sweep_space.net_transform(values), on_record=watch.on_record)
-        options = _with_cache_features(options, values)
+        options = _with_cache_features(options, values, self.options.cache_features)
         try:
             return runner.start(options, callback=watch, base=self.base)
         finally:
@@ -359,13 +281,15 @@ class _Objective:
         trial.study.enqueue_trial(values)
 
 
-def _with_cache_features(options: runner.RunOptions, values: dict) -> runner.RunOptions:
-    if "cache_features" not in values:
+def _with_cache_features(options: runner.RunOptions, values: dict, default: bool | None) -> runner.RunOptions:
+    """The trial's cache_features value, else the sweep's (None: the run decides, as `caffetune run` does)."""
+    chosen = values.get("cache_features", default)
+    if chosen is None:
         return options
     if "cache_features" not in runner.RunOptions.__dataclass_fields__:
         raise SweepError("--param cache_features: `caffetune run` has no feature cache option",
                          fix="leave out cache_features")
-    return replace(options, cache_features=values["cache_features"])
+    return replace(options, cache_features=chosen)
 
 
 class _Budget:

@@ -16,32 +16,32 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.figure  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import optuna  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
 from caffetune import files  # noqa: E402
 from caffetune.errors import SweepError  # noqa: E402
+from caffetune.train import sweep_storage  # noqa: E402
+from caffetune.train.sweep_storage import CONFIG_ATTR  # noqa: E402
 
-CONFIG_ATTR = "caffetune_sweep"
 CSV_FILE, BEST_JSON, BEST_WEIGHTS = "sweep.csv", "best.json", "best.caffemodel"
 HISTORY_PNG, IMPORTANCE_PNG = "history.png", "importance.png"
 
 
 def load(name: str, storage: str | None, runs_root: Path = Path("runs"), base: Path | None = None) -> optuna.Study:
     """The study of a sweep (default storage: runs_root/name/study.db); a clear error when there is none."""
-    from caffetune.train import sweep
-
     base = (base or Path.cwd()).resolve()
     if storage is None:
-        path = base / runs_root / name / sweep.STUDY_FILE
+        path = base / runs_root / name / sweep_storage.STUDY_FILE
         if not path.is_file():
             raise SweepError(f"no sweep {name}: {path} does not exist", where=str(path),
                              fix="pass the --name of a sweep run from this folder (or --runs-dir / --storage)")
         storage = f"sqlite:///{path}"
     try:
-        return optuna.load_study(study_name=name, storage=sweep.open_storage(storage))
+        return optuna.load_study(study_name=name, storage=sweep_storage.open_storage(storage))
     except KeyError:
-        raise SweepError(f"the storage holds no study named {name}", where=sweep._safe(storage),
+        raise SweepError(f"the storage holds no study named {name}", where=sweep_storage.safe_url(storage),
                          fix="use the --name the sweep was started with") from None
 
 
@@ -150,6 +150,7 @@ def history_figure(study: optuna.Study) -> matplotlib.figure.Figure:
         axes.step(xs, ys, where="post", color="tab:red", label="best so far")
     metric = config(study).get("metric", "value")
     axes.set(xlabel="trial", ylabel=metric, title=f"{study.study_name}: {metric} ({study.direction.name.lower()})")
+    axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axes.grid(alpha=0.3)
     if complete or pruned:
         axes.legend(loc="best")
@@ -162,13 +163,17 @@ def importances(study: optuna.Study) -> dict[str, float] | None:
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if len(completed) < 2:
         return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)   # PED-ANOVA warns when every trial is a top trial
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             evaluator = optuna.importance.PedAnovaImportanceEvaluator()
             return optuna.importance.get_param_importances(study, evaluator=evaluator)
-        except (ValueError, RuntimeError, ZeroDivisionError):
-            return None
+    except (ValueError, RuntimeError, ZeroDivisionError):
+        return None
+    finally:
+        optuna.logging.set_verbosity(verbosity)
 
 
 def importance_figure(study: optuna.Study) -> matplotlib.figure.Figure:

@@ -28,8 +28,7 @@ from google.protobuf.message import Message
 
 from caffetune.errors import SweepError
 from caffetune.model import heads as heads_module
-from caffetune.model import layers
-from caffetune.model import schema
+from caffetune.model import layers, schema
 from caffetune.surgery import lr_policy
 
 SOLVER_PARAMS = ("base_lr", "momentum", "weight_decay", "lr_policy", "gamma", "stepsize", "max_iter")

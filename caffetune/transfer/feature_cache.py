@@ -5,20 +5,17 @@ records in order: feature_pass.py in a child process) writes the cut blobs and t
 top net reads with Caffe's HDF5Data layer: it holds a whole file in memory and copies rows, so reading costs next
 to nothing (bench/bench_feature_cache.py measures it against float Datums in an LMDB read by a Data layer).
 
-A cache lives in ~/.cache/caffetune/features/<key>/, keyed by the trunk nets (layers, transform, source paths),
-the weights file's sha256 and each source's identity (size and mtime of data.mdb / of the image list), so a second
-run on the same trunk and data (another lr, `--stages`' first stage, a `--fit-head` run) reuses it. The caches
-together stay under CAFFETUNE_FEATURE_CACHE_GB (default 20 GB): the least recently used go first.
+A cache lives in ~/.cache/caffetune/features/<key>/ (CAFFETUNE_FEATURE_CACHE moves it), keyed by the trunk nets
+(layers, transform, source paths), the frozen layers' blobs (sha256 of their bytes in the weights file) and each
+source's identity (size and mtime of data.mdb or of the image list), so a second run on the same trunk and data
+(another lr, `--stages`' first stage, a `--fit-head` start) reuses it. The caches together stay under
+CAFFETUNE_FEATURE_CACHE_GB (default 20 GB): the least recently used go first.
 
 Exactness (what a cached run reproduces of a plain one):
 - TRAIN transform without mirror or crop: the TRAIN features are the ones the full net computes, in the order it
   reads them; training is the same computation.
-- `mirror: true`: both orientations are cached; the run's own sequence of rows (image k mod N, flipped when Caffe's
-  transformer would flip it) is written into the run directory. Caffe seeds the TRAIN transformer with the second
-  draw of its global generator (boost::mt19937 seeded with the solver's random_seed): BaseDataLayer::LayerSetUp
-  and BasePrefetchingDataLayer::LayerSetUp both call InitRand, and the image k is flipped when the transformer's
-  draw k is odd (Rand(2) = draw % 2). With random_seed set the flips are Caffe's own; without it Caffe's are
-  random per run, and so are these.
+- `mirror: true`: both orientations are cached; the run's own sequence of rows, each image flipped exactly when
+  Caffe's transformer would flip it, is written into the run directory (mirror_replay.py).
 - random crops (TRAIN crop_size): refused; a cache of K crops per image would only approximate them.
 - shuffle / rand_skip / mirror in TEST: refused (Caffe draws those from generators this cannot replay).
 """
@@ -43,7 +40,7 @@ from google.protobuf.message import Message
 
 from caffetune import files
 from caffetune.errors import DatasetError, NetError
-from caffetune.model import caffe_tools, prototxt, schema
+from caffetune.model import caffe_tools, caffemodels, prototxt, schema
 from caffetune.model import layers as L
 from caffetune.surgery import solver as solver_module
 from caffetune.surgery.net_edits import copy
@@ -51,6 +48,7 @@ from caffetune.transfer.trunk_cut import Cut, PhaseCut
 
 FORMAT = 1                                   # bump when the layout of a cache changes
 LIMIT_ENV = "CAFFETUNE_FEATURE_CACHE_GB"
+ROOT_ENV = "CAFFETUNE_FEATURE_CACHE"          # where the caches live (default: ~/.cache/caffetune/features)
 DEFAULT_LIMIT_GB = 20.0
 FILE_BYTES = 256 << 20                       # rows per HDF5 file: HDF5Data loads one whole file at a time
 MANIFEST = "manifest.json"
@@ -158,8 +156,23 @@ def cache_key(nets: dict[str, Message], weights: Path, cut: Cut, mirror: bool) -
         digest.update(prototxt.format(nets[phase]).encode())
         digest.update(json.dumps(_source_identity(cut.phases[phase].data_layer)).encode())
         digest.update(json.dumps(cut.phases[phase].blobs).encode())
-    digest.update(schema.sha256_of(weights).encode())
+    digest.update(trunk_digest(weights, cut.frozen).encode())
     return digest.hexdigest()[:24]
+
+
+def trunk_digest(weights: Path, frozen: list[str]) -> str:
+    """sha256 of the frozen layers' blobs as stored: a --fit-head start or a stage's best snapshot with the same
+    trunk hits the same cache even though the file differs in its head."""
+    digest = hashlib.sha256()
+    wanted = set(frozen)
+    with caffemodels.Caffemodel(weights) as model:
+        for record in model.layers():
+            if record.name in wanted:
+                wanted.discard(record.name)
+                digest.update(record.name.encode())
+                for blob in record.blobs:
+                    digest.update(model.raw(*blob.span))
+    return digest.hexdigest()
 
 
 def dataset_names(blobs: list[str]) -> dict[str, str]:
@@ -175,7 +188,7 @@ def dataset_names(blobs: list[str]) -> dict[str, str]:
 
 # --- the cache on disk ---------------------------------------------------------------------------------------------
 def cache_root() -> Path:
-    return schema.cache_dir() / "features"
+    return Path(os.environ[ROOT_ENV]) if os.environ.get(ROOT_ENV) else schema.cache_dir() / "features"
 
 
 def limit_bytes() -> int:
@@ -383,54 +396,6 @@ def _fix_paths(cache: FeatureCache) -> FeatureCache:
                 files.write_atomic(cache.list_file(phase, mirror),
                                    "".join(f"{cache.folder / n}\n" for n in entry[key]))
     return cache
-
-
-# --- mirror: the run's own sequence of rows ------------------------------------------------------------------------
-def transformer_draws(random_seed: int | None, count: int) -> np.ndarray:
-    """The TRAIN transformer's first `count` raw mt19937 draws, as `caffe train` makes them (see the module doc)."""
-    if random_seed is None or random_seed < 0:
-        seed = int.from_bytes(os.urandom(4), "little")
-    else:
-        global_rng = np.random.MT19937()
-        global_rng._legacy_seeding(random_seed & 0xFFFFFFFF)    # boost::mt19937(seed): the classic init_genrand
-        seed = int(global_rng.random_raw(2)[1])                  # InitRand twice: the second draw is kept
-    rng = np.random.MT19937()
-    rng._legacy_seeding(seed)
-    return rng.random_raw(count)
-
-
-def write_mirror_sequence(cache: FeatureCache, out: Path, rows: int, random_seed: int | None) -> Path:
-    """HDF5 files of the first `rows` TRAIN rows Caffe reads: image k mod N, flipped when draw k is odd; returns
-    the list file for HDF5Data's source."""
-    import h5py
-
-    entry = cache.phase("TRAIN")
-    images = entry["images"]
-    flips = (transformer_draws(random_seed, rows) % 2).astype(bool)
-    plain = _open_rows(h5py, cache.folder, entry["files"])
-    mirrored = _open_rows(h5py, cache.folder, entry["mirror_files"])
-    out.mkdir(parents=True, exist_ok=True)
-    sequence = {}
-    order = np.arange(rows) % images
-    for name in plain:
-        sequence[name] = np.where(flips.reshape((-1,) + (1,) * (plain[name].ndim - 1)), mirrored[name][order],
-                                  plain[name][order])
-    identity = {name: name for name in sequence}
-    write_hdf5(out, "train-sequence", sequence, identity)
-    return out / "train-sequence.txt"
-
-
-def _open_rows(h5py, folder: Path, names: list[str]) -> dict[str, np.ndarray]:
-    parts: dict[str, list[np.ndarray]] = {}
-    for name in names:
-        with h5py.File(folder / name, "r") as handle:
-            for key in handle:
-                parts.setdefault(key, []).append(handle[key][...])
-    return {key: np.concatenate(values) for key, values in parts.items()}
-
-
-def sequence_rows(solver: Message, batch: int) -> int:
-    return max(solver.max_iter, 1) * batch * max(solver.iter_size, 1)
 
 
 def describe_bytes(count: int) -> str:

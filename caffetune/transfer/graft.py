@@ -11,20 +11,18 @@ byte for byte from the source file, so they are bit-identical and never pass thr
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from google.protobuf.message import Message
 
 from caffetune import files
-from caffetune.model import layers as L
-from caffetune.model import prototxt
-from caffetune.model import schema
-from caffetune.model import shapes
-from caffetune.model import caffemodels
 from caffetune.errors import NetError
+from caffetune.model import caffemodels, prototxt, schema, shapes
+from caffetune.model import layers as L
+from caffetune.transfer.fillers import initial_blob
 
 COPIED, PARTIAL, SCRATCH, MISMATCHED = "copied", "partial", "scratch", "mismatched"
 
@@ -267,95 +265,6 @@ def plan(records: list[caffemodels.LayerRecord], net: Message, net_shapes: shape
     return result
 
 
-# ---- fillers ---------------------------------------------------------------------------------------------------
-def filler_fields(params: Message) -> list[str]:
-    """Names of the single FillerParameter fields of a layer's parameters (weight_filler, bias_filler, filler)."""
-    return [f.name for f in params.DESCRIPTOR.fields if f.message_type is not None
-            and f.message_type.name == "FillerParameter" and f.label != f.LABEL_REPEATED]
-
-
-def _filler_for(layer: Message, index: int):
-    """The FillerParameter field Caffe reads for blob `index` (weight_filler/filler for 0, bias_filler for 1) and
-    whether it is written; (None, False) when the layer's parameters have no such field."""
-    params = L.param_message(layer)
-    if params is None:
-        return None, False
-    fillers = filler_fields(params)
-    wanted = [n for n in fillers if n != "bias_filler"] if index == 0 else ["bias_filler"] if index == 1 else []
-    if not wanted or wanted[0] not in fillers:
-        return None, False
-    return getattr(params, wanted[0]), params.HasField(wanted[0])
-
-
-# Defaults Caffe's layer code uses when no filler is written (scale_layer.cpp, prelu_layer.cpp).
-_UNWRITTEN_FILLER_VALUE = {"Scale": 1.0, "PReLU": 0.25}
-
-
-def fill(shape: tuple, filler, rng: np.random.Generator) -> np.ndarray:
-    """A blob initialised like Caffe's filler.hpp (constant, uniform, gaussian, positive_unitball, xavier, msra,
-    bilinear)."""
-    kind = filler.type if filler is not None else "constant"
-    count = int(np.prod(shape))
-    fan_in = count // shape[0] if shape and shape[0] else count
-    fan_out = count // shape[1] if len(shape) > 1 and shape[1] else count
-    if kind == "constant":
-        return np.full(shape, filler.value if filler is not None else 0.0, np.float32)
-    if kind == "uniform":
-        return _uniform(rng, shape, filler.min, filler.max)
-    if kind == "gaussian":
-        values = _normal(rng, shape, filler.mean, filler.std)
-        if filler.sparse >= 0 and shape:
-            keep = rng.random(shape) < filler.sparse / shape[0]
-            values *= keep
-        return values
-    if kind == "positive_unitball":
-        values = _uniform(rng, (shape[0], count // shape[0]), 0.0, 1.0)
-        return (values / values.sum(axis=1, keepdims=True)).reshape(shape)
-    if kind in ("xavier", "msra"):
-        n = {0: fan_in, 1: fan_out}.get(filler.variance_norm, (fan_in + fan_out) / 2)
-        if kind == "xavier":
-            scale = np.sqrt(3.0 / n)
-            return _uniform(rng, shape, -scale, scale)
-        return _normal(rng, shape, 0.0, np.sqrt(2.0 / n))
-    if kind == "bilinear":
-        return _bilinear(shape)
-    raise NetError(f"unknown filler type {kind!r}", fix="use one of Caffe's filler types (xavier, gaussian, ...)")
-
-
-def _uniform(rng: np.random.Generator, shape: tuple, low: float, high: float) -> np.ndarray:
-    """Float32 throughout: a 100M-value VGG fc6 must not pass through float64 (memory stays ~1x the blob)."""
-    values = rng.random(shape, dtype=np.float32)
-    values *= np.float32(high - low)
-    values += np.float32(low)
-    return values
-
-
-def _normal(rng: np.random.Generator, shape: tuple, mean: float, std: float) -> np.ndarray:
-    values = rng.standard_normal(shape, dtype=np.float32)
-    values *= np.float32(std)
-    values += np.float32(mean)
-    return values
-
-
-def _bilinear(shape: tuple) -> np.ndarray:
-    height, width = shape[-2], shape[-1]
-    f = np.ceil(width / 2.0)
-    c = (2 * f - 1 - f % 2) / (2.0 * f)
-    x = np.arange(width)[None, :]
-    y = np.arange(height)[:, None]
-    kernel = (1 - np.abs(x / f - c)) * (1 - np.abs(y / f - c))
-    return np.broadcast_to(kernel, shape).astype(np.float32)
-
-
-def initial_blob(layer: Message, index: int, shape: tuple, rng: np.random.Generator) -> np.ndarray:
-    if L.type_name(layer) == "BatchNorm":
-        return np.zeros(shape, np.float32)  # mean, variance and the moving-average factor start at 0
-    filler, written = _filler_for(layer, index)
-    if not written and L.type_name(layer) in _UNWRITTEN_FILLER_VALUE and index == 0:
-        return np.full(shape, _UNWRITTEN_FILLER_VALUE[L.type_name(layer)], np.float32)
-    return fill(shape, filler, rng)  # an unwritten filler reads as Caffe's default: constant 0
-
-
 def kept_rows(source: np.ndarray, target_shape: tuple, axis: int, keep: list[tuple[int, int]],
               initial: np.ndarray) -> np.ndarray:
     """The new head's blob: `initial`, with slice new_index taken from the source's slice old_index on `axis`."""
@@ -424,7 +333,10 @@ def _resolve_blobs(layer: Message, lp: LayerPlan, model: caffemodels.Caffemodel,
 
 
 def _piece_size(piece) -> int:
-    size = piece[2] - piece[1] if piece[0] == "range" else len(caffemodels.blob_header(piece[1].shape)) + piece[1].nbytes
+    if piece[0] == "range":
+        size = piece[2] - piece[1]
+    else:
+        size = len(caffemodels.blob_header(piece[1].shape)) + piece[1].nbytes
     return len(caffemodels.length_prefix(caffemodels.number_of("LayerParameter", "blobs"), size)) + size
 
 

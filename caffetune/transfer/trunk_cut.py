@@ -99,7 +99,7 @@ def _read_later(layers: list[Message]) -> list[set[str]]:
 def _data_layer(layers: list[Message], phase: str) -> Message:
     found = [layer for layer in layers if is_data_layer(layer)]
     if len(found) != 1 or L.type_name(found[0]) not in FEATURE_SOURCE_TYPES:
-        kinds = ", ".join(f"{l.name} ({L.type_name(l)})" for l in found) or "none"
+        kinds = ", ".join(f"{item.name} ({L.type_name(item)})" for item in found) or "none"
         raise NetError(f"caching features needs one Data or ImageData layer in the {phase} phase; it has {kinds}",
                        fix="run without --cache-features, or give the net one Data/ImageData layer per phase")
     return found[0]

@@ -8,10 +8,11 @@ import click
 import pytest
 from click.testing import CliRunner
 
-import helpers
 from caffetune.cli import cli, types
 from caffetune.cli.app import DEPRECATED_FLAGS
 from caffetune.cli.exit_codes import ExitCode
+
+import helpers
 
 NET = 'name: "t"\nlayer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 8 dim: 8 } } }\n'
 

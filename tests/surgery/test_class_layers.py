@@ -101,9 +101,25 @@ def test_faster_rcnn_class_and_box_layers_and_python_counts(fork):
     assert layers.num_output(_layer(net, "obj")) == 6 and layers.num_output(_layer(net, "anchor_boxes")) == 12
     assert "'num_classes': 3" in _layer(net, "input-data").python_param.param_str
     assert "'num_classes': 3" in _layer(net, "roi-data").python_param.param_str
-    assert list(_layer(net, "loss_box").bottom)[0] == "where_new"
+    assert _layer(net, "loss_box").bottom[0] == "where_new"
     assert any(note.startswith("kept obj:") for note in result.notes)
     _again(result, 3)
+
+
+def test_faster_rcnn_test_net_keeps_the_rpn_and_stays_a_deploy_net(fork):
+    result = _rewrite("faster_like_test.prototxt", classes=4)
+    assert [head.name for head in result.heads] == ["which", "where"] and list(result.outputs) == ["deploy"]
+    net = _net(result, "deploy")
+    assert layers.num_output(_layer(net, "where_new")) == 16 and layers.num_output(_layer(net, "obj")) == 6
+    assert list(_layer(net, "obj_prob_reshape").reshape_param.shape.dim) == [0, 6, -1, 0]
+    _again(result, 4, role="deploy")
+
+
+def test_rpn_only_net_is_refused_as_class_agnostic(fork):
+    text = (DATA / "faster_like_test.prototxt").read_text().split('layer {\n  name: "roi_pool"')[0]
+    with pytest.raises(NetError) as caught:
+        rewrite.rewrite_text(text, rewrite.Options(classes=4, name="new"))
+    assert "class-agnostic objectness" in caught.value.what and "obj" in caught.value.what
 
 
 def test_class_agnostic_box_regression_stays(fork):

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from caffetune.surgery import rewrite
+
 from helpers import run_pycaffe
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "dense"

@@ -13,15 +13,15 @@ import pytest
 
 from caffetune.errors import NetError
 from caffetune.model import caffemodels
-from caffetune.train import cached_run, metrics, runner
+from caffetune.train import metrics, runner
 from caffetune.transfer import graft
 from helpers import caffe_train, run_pycaffe, save_random_weights, write_tiny_lmdb
 
 DATA = """name: "tiny_frozen"
 layer { name: "data" type: "Data" top: "data" top: "label" include { phase: TRAIN }
-  data_param { source: "{train}" backend: LMDB batch_size: 8 } transform_param { scale: 0.00390625 {mirror} } }
+  data_param { source: "{train}" backend: LMDB batch_size: 8 } transform_param { scale: 0.00390625 {mirror} {crop} } }
 layer { name: "data" type: "Data" top: "data" top: "label" include { phase: TEST }
-  data_param { source: "{test}" backend: LMDB batch_size: 8 } transform_param { scale: 0.00390625 } }
+  data_param { source: "{test}" backend: LMDB batch_size: 8 } transform_param { scale: 0.00390625 {crop} } }
 layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" param { lr_mult: 0 } param { lr_mult: 0 }
   convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "xavier" } } }
 layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
@@ -62,7 +62,7 @@ layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "
 """
 
 
-def setup_net(folder, top: str = HEAD, mirror: bool = False, max_iter: int = 30, seed: int = 7):
+def setup_net(folder, top: str = HEAD, mirror: bool = False, max_iter: int = 30, seed: int = 7, crop: int = 0):
     """(train_val, solver, start weights): a frozen conv trunk, the given top; start weights written by graft
     --fill --seed from a 'pretrained' caffemodel that has the trunk only."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -70,7 +70,8 @@ def setup_net(folder, top: str = HEAD, mirror: bool = False, max_iter: int = 30,
     test = write_tiny_lmdb(folder / "test_lmdb", count=16, classes=4, seed=2)
     net = folder / "train_val.prototxt"
     net.write_text(DATA.replace("{train}", str(train)).replace("{test}", str(test))
-                   .replace("{mirror}", "mirror: true" if mirror else "") + top)
+                   .replace("{mirror}", "mirror: true" if mirror else "")
+                   .replace("{crop}", f"crop_size: {crop}" if crop else "") + top)
     trunk_only = folder / "trunk.prototxt"
     trunk_only.write_text(net.read_text().split('layer { name: "relu1"')[0])
     pretrained = save_random_weights(run_pycaffe_install(), trunk_only, folder / "pretrained.caffemodel")
@@ -93,7 +94,7 @@ def run_pycaffe_install():
 @pytest.fixture(autouse=True)
 def _install(caffe_install, tmp_path, monkeypatch):
     _INSTALL[:] = [caffe_install]
-    monkeypatch.setenv("CAFFETUNE_CACHE", str(tmp_path / "cache"))      # each test starts without a cache
+    monkeypatch.setenv("CAFFETUNE_FEATURE_CACHE", str(tmp_path / "cache"))      # each test starts without a cache
 
 
 def blobs(path):
@@ -139,7 +140,7 @@ def test_a_cached_run_trains_the_head_as_a_plain_run_does(tmp_path, mirror):
     assert record["cut"]["phases"]["TRAIN"]["blobs"] == ["conv1", "label"] and record["mirror"] == mirror
     assert record["cache"]["bytes"] > 0 and record["cache"]["images"] == {"TRAIN": 36, "TEST": 16}
     launched = json.loads((run_dir / "run.json").read_text())
-    assert launched["feature_cache"]["cut"]["trainable"] == ["fc_new"]
+    assert launched["launches"][-1]["feature_cache"]["cut"]["trainable"] == ["fc_new"]
     assert "top-solver.prototxt" in (run_dir / "command.txt").read_text()
     assert "Ignoring source layer conv1" in (run_dir / "caffe.log").read_text()   # the trunk never ran in caffe
     # Full-net caffemodels: the trunk copied byte for byte from the start weights, loadable by the train_val.
@@ -181,7 +182,7 @@ def test_googlenet_like_heads_on_three_branches(tmp_path):
     plain, cached = train_both(tmp_path, solver, start)
     assert_same_training(plain, cached, ["aux1/classifier", "aux2/classifier", "fc_new"])
     record = json.loads((cached.run_dir / "feature-cache.json").read_text())
-    assert record["cut"]["phases"]["TRAIN"]["blobs"] == ["aux1/fc", "label", "conv2"]
+    assert record["cut"]["phases"]["TRAIN"]["blobs"] == ["aux1/fc", "label", "conv2", "pool"]
     assert spans(cached.snapshot)["aux1/fc"] == spans(start)["aux1/fc"]
     losses = {k for r in metrics.read_records(cached.run_dir) if r.phase == "train" for k in r.values}
     assert {"loss", "loss1", "loss2"} <= losses
@@ -223,8 +224,7 @@ def test_an_interrupted_cached_run_resumes_as_a_plain_run_resumes(tmp_path):
 
 
 def test_cache_features_refuses_with_the_reason_and_the_default_falls_back(tmp_path):
-    net, solver, start = setup_net(tmp_path / "data")
-    net.write_text(net.read_text().replace("scale: 0.00390625 ", "scale: 0.00390625 crop_size: 4 ", 1))
+    _, solver, start = setup_net(tmp_path / "data", crop=6)           # TRAIN: a random 6x6 crop every time
     with pytest.raises(NetError, match="random crop"):
         runner.start(runner.RunOptions(solver=solver, weights=[start], name="refused", runs_root=tmp_path / "runs",
                                        cache_features=True))

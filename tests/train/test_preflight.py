@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import save_random_weights, write_tiny_classifier, write_tiny_lmdb
 
 from caffetune.cli import cli
 from caffetune.errors import PreflightError
 from caffetune.model import prototxt, schema
 from caffetune.train import preflight
+
+from helpers import save_random_weights, write_tiny_classifier, write_tiny_lmdb
 
 PRETRAINED = """name: "pretrained"
 layer {{ name: "data" type: "Input" top: "data" input_param {{ shape {{ dim: 1 dim: {channels} dim: 8 dim: 8 }} }} }}
@@ -136,7 +137,10 @@ def test_crop_larger_than_the_images(tiny):
     test_layer = '\nlayer { name: "data" type: "Data" top: "data" top: "label" include { phase: TEST }'
     broken = _net(net, ("transform_param { scale: 0.00390625 } }" + test_layer,
                         "transform_param { scale: 0.00390625 crop_size: 12 } }" + test_layer))
-    assert "crop_size 12 is larger than the stored images (8x8)" in _only(_check(broken))
+    message = _only(_check(broken))
+    assert "crop_size 12 is larger than the stored images (8x8)" in message and "record 00000000" in message
+    assert "use crop_size <= 8, or rebuild the database with larger images (`caffetune build-lmdb --resize 12x12` " \
+           "or larger)" in message
 
 
 def test_gray_data_into_a_color_conv1(tiny, caffe_install, tmp_path):
@@ -165,7 +169,7 @@ def test_snapshot_and_weights_together(tiny, caffe_install, tmp_path):
     assert "does not exist" in _only(_check(_net(net), snapshot=tmp_path / "missing.solverstate"))
 
 
-def test_every_problem_is_reported_at_once_and_caffe_never_starts(tiny, tmp_path):
+def test_every_problem_is_reported_at_once_and_caffe_never_starts(caffe_install, tiny, tmp_path):
     _, net, solver = tiny
     text = net.read_text().replace("train_lmdb", "missing_lmdb").replace('test_lmdb" backend: LMDB', 'test_lmdb"')
     text = text.replace('top: "accuracy" include', 'top: "accuracy" accuracy_param { top_k: 9 } include')
@@ -202,7 +206,7 @@ def _no_test_iter(folder: Path) -> Path:
     return solver
 
 
-def test_warnings_are_shown_and_the_run_starts(tmp_path):
+def test_warnings_are_shown_and_the_run_starts(caffe_install, tmp_path):
     solver = _no_test_iter(tmp_path / "data")
     result = CliRunner().invoke(cli, ["run", "--solver", str(solver), "--runs-dir", str(tmp_path / "runs"),
                                       "--name", "warned"])
@@ -211,7 +215,7 @@ def test_warnings_are_shown_and_the_run_starts(tmp_path):
     assert (tmp_path / "runs" / "warned" / "caffe.log").is_file()
 
 
-def test_strict_turns_warnings_into_errors_and_no_preflight_skips_everything(tmp_path):
+def test_strict_turns_warnings_into_errors_and_no_preflight_skips_everything(caffe_install, tmp_path):
     solver = _no_test_iter(tmp_path / "data")
     runs = tmp_path / "runs"
     result = CliRunner().invoke(cli, ["run", "--solver", str(solver), "--runs-dir", str(runs), "--strict"])

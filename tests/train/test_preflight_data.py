@@ -5,6 +5,10 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+
+from caffetune.model import schema
+from caffetune.train import data_scan
+
 from helpers import run_pycaffe, save_random_weights
 from preflight_helpers import (
     assert_clean,
@@ -19,9 +23,6 @@ from preflight_helpers import (
     write_list,
     write_records,
 )
-
-from caffetune.model import schema
-from caffetune.train import data_scan
 
 TRAIN_TRANSFORM = ("transform_param { scale: 0.00390625 } }\nlayer { name: \"data\" type: \"Data\" top: \"data\" top: "
                    "\"label\" include { phase: TEST }")
@@ -127,7 +128,7 @@ def test_an_image_missing_late_in_the_list_is_an_error_and_crashes_caffe(tmp_pat
     text, train_list = _image_setup(tmp_path)
     (tmp_path / "photos" / "img022.png").unlink()
     message = only(check_text(text).problems)
-    assert f"1 of the 24 images listed in {train_list} do not exist" in message
+    assert f"1 of the 24 images listed in {train_list} are missing" in message
     assert f"{train_list}:23: {tmp_path}/photos/img022.png" in message
     assert "remove the missing images from the list" in message and "Could not load" in message
     result = train(caffe_install, tmp_path, text, _solver(tmp_path))
@@ -184,10 +185,12 @@ def test_the_mean_value_fix_text_reads_right(setup):
     gray = write_records(folder / "gray_lmdb", [(random_chw(np.random.default_rng(2), 1, 8, 8), i % 4)
                                                  for i in range(16)])
     text = _with_train_source(net, gray, "scale: 0.00390625 mean_value: 1 mean_value: 2 mean_value: 3")
-    message = only(check_text(text).problems)
-    assert "3 mean_value entries for 1-channel images (fix: give one mean_value entry)" in message
+    problem = check_text(text).problems
+    assert len(problem) == 1 and problem[0].what == "3 mean_value entries for 1-channel images"
+    assert problem[0].fix == "give one mean_value entry"
     text = _with_train_source(net, folder / "tiny" / "train_lmdb", "scale: 0.00390625 mean_value: 1 mean_value: 2")
-    assert "(fix: give one mean_value entry, or 3 (one per channel))" in only(check_text(text).problems)
+    problem = check_text(text).problems
+    assert len(problem) == 1 and problem[0].fix == "give one mean_value entry, or 3 (one per channel)"
 
 
 # --- 12. a training LMDB sorted by class ---------------------------------------------------------------------
@@ -229,3 +232,16 @@ def test_gray_encoded_records_are_sized_from_their_headers(tmp_path):
     scan = data_scan.scan_lmdb(path)
     assert scan.encoded and scan.count == 6 and scan.sizes == {(1, 9, 7): ("00000000", 6)}
     assert scan.runs == 6 and dict(scan.labels) == {0: 3, 1: 3}
+
+
+def test_a_sampled_size_check_says_what_it_sampled(setup, monkeypatch):
+    folder, net, _ = setup
+    monkeypatch.setattr(data_scan, "ENCODED_SIZE_SAMPLE", 3)
+    rng = np.random.default_rng(6)
+    images = [cv2.imencode(".png", rng.integers(0, 256, (8, 10 if i == 2 else 8, 3), dtype=np.uint8))[1].tobytes()
+              for i in range(6)]
+    mixed = write_records(folder / "enc_mixed", [(image, i % 4) for i, image in enumerate(images)])
+    message = only(check_text(_with_train_source(net, mixed)).problems)
+    assert "(sizes read from a sample of 3 of 6 records)" in message
+    # every second record was sized: 0, 2 and 4
+    assert "3x8x8 (CxHxW) x2 (first: 00000000), 3x8x10 (CxHxW) x1 (first: 00000002)" in message

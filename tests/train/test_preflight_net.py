@@ -7,6 +7,7 @@ import sysconfig
 import cv2
 import numpy as np
 import pytest
+
 from helpers import run_pycaffe, save_random_weights, write_tiny_lmdb
 from preflight_helpers import (
     assert_clean,
@@ -193,8 +194,9 @@ def test_batch_statistics_on_a_batch_of_one_after_an_inner_product_are_all_zero(
     folder, net, _ = setup
     text = _batch(edited(net, ('layer { name: "accuracy"', BN_AFTER_FC)), 1, 8)
     message = only(check_text(text).problems)
-    assert "layer fc_bn (TRAIN): BatchNorm fc_bn computes batch statistics (use_global_stats unset, which means " \
-           "false in TRAIN) over a batch of 1 on a 4 input" in message and "outputs all zeros" in message
+    assert "layer fc_bn (TRAIN): 1 BatchNorm layer (fc_bn) computes batch statistics (use_global_stats false, or " \
+           "unset, which means false in TRAIN) over a batch of 1 on a 1x1 input" in message
+    assert "outputs all zeros" in message
     (folder / "bn.prototxt").write_text(text)
     output = run_pycaffe(caffe_install, """
         import sys, caffe
@@ -210,7 +212,7 @@ def test_batch_statistics_on_a_batch_of_one_feature_map_is_a_warning(setup):
     _, net, _ = setup
     text = _batch(edited(net, ('layer { name: "relu1"', BN_AFTER_CONV.replace("PARAMS", ""))), 1, 8)
     report = check_text(text)
-    assert report.problems == [] and "BatchNorm bn1 computes batch statistics" in only(report.warnings)
+    assert report.problems == [] and "1 BatchNorm layer (bn1) computes batch statistics" in only(report.warnings)
 
 
 def test_trainable_batch_norm_with_a_test_batch_of_one_is_clean_and_trains(setup, caffe_install):

@@ -5,6 +5,9 @@ from __future__ import annotations
 import re
 
 import pytest
+
+from caffetune.train import checks_solver
+
 from helpers import caffe_train, save_random_weights, write_tiny_lmdb
 from preflight_helpers import (
     assert_clean,
@@ -14,8 +17,6 @@ from preflight_helpers import (
     only,
     tiny_setup,
 )
-
-from caffetune.train import checks_solver
 
 
 @pytest.fixture()

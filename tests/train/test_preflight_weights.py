@@ -3,6 +3,7 @@ and size while the data has fewer classes. The real Caffe shows that zero weight
 from __future__ import annotations
 
 import pytest
+
 from helpers import run_pycaffe, save_random_weights
 from preflight_helpers import (
     assert_clean,

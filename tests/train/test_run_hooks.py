@@ -3,12 +3,12 @@ RunHook that changes what caffe trains in the run directory and post-processes t
 import json
 from pathlib import Path
 
-from helpers import save_random_weights, write_tiny_classifier
-
 from caffetune.model import prototxt
 from caffetune.train import runner
 from caffetune.train.logparse import Record
 from caffetune.train.watch import Watch
+
+from helpers import save_random_weights, write_tiny_classifier
 
 
 class _NoMetrics:

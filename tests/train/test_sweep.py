@@ -13,10 +13,10 @@ from pathlib import Path
 
 import optuna
 import pytest
+from sweep_helpers import check_trial_runs, finish, trials, worker, write_learnable_classifier
 
 from caffetune.model import prototxt
 from caffetune.train import sweep, sweep_results, sweep_space
-from sweep_helpers import check_trial_runs, finish, trials, worker, write_learnable_classifier
 
 pytestmark = pytest.mark.caffe
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import optuna
 import pytest
+from sweep_helpers import check_trial_runs, finish, trials, worker, write_learnable_classifier
 
 from caffetune.errors import SweepError
-from caffetune.train import sweep, sweep_results
-from sweep_helpers import check_trial_runs, finish, trials, worker, write_learnable_classifier
+from caffetune.train import sweep_results, sweep_storage
 
 pytestmark = pytest.mark.caffe
 PORT = 5432   # only names the socket file inside the cluster's own folder: no TCP port is opened
@@ -70,5 +70,5 @@ def test_two_workers_share_a_study_on_postgresql(caffe_install, tmp_path, postgr
 def test_a_server_that_is_not_there_is_one_clear_error(tmp_path):
     url = f"postgresql+psycopg2://caffetune@/sweeps?host={tmp_path}&port={PORT}"
     with pytest.raises(SweepError, match="cannot open the study storage") as error:
-        sweep.open_storage(url, retries=1)
+        sweep_storage.open_storage(url, retries=1)
     assert "server" in error.value.fix

@@ -13,7 +13,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from caffetune.errors import SweepError
-from caffetune.train import sweep, sweep_results
+from caffetune.train import sweep_results, sweep_storage
 
 DISTS = {"base_lr": FloatDistribution(1e-4, 1e-1, log=True), "freeze_through": CategoricalDistribution(("conv1",
                                                                                                       "none"))}
@@ -23,7 +23,7 @@ SPACE = ["base_lr=log:0.0001:0.1", "freeze_through=choice:conv1,none"]
 def _study(tmp_path: Path, direction: str = "maximize", metric: str = "accuracy") -> optuna.Study:
     root = tmp_path / "runs" / "lr"
     root.mkdir(parents=True)
-    storage = sweep.open_storage(f"sqlite:///{root / 'study.db'}")
+    storage = sweep_storage.open_storage(f"sqlite:///{root / 'study.db'}")
     study = optuna.create_study(storage=storage, study_name="lr", direction=direction)
     study.set_user_attr(sweep_results.CONFIG_ATTR, {"space": SPACE, "metric": metric, "direction": direction})
     return study

@@ -176,3 +176,16 @@ def test_a_trial_to_try_first_is_typed_and_must_lie_in_the_space():
                           ("freeze_through=conv9", "outside the space"), ("stepsize=1.5", "not an int")]:
         with pytest.raises(SweepError, match=message):
             sweep_space.parse_fixed(text, space)
+
+
+def test_the_metric_of_a_test_pass_and_its_direction():
+    from caffetune.train import sweep
+
+    values = {"accuracy": 0.75, "accuracy_top5": 0.9, "loss": 0.4}
+    assert sweep.metric_value(values, "accuracy") == 0.75 and sweep.metric_value(values, "loss") == 0.4
+    assert sweep.metric_value({"loss3/top-1": 0.6, "loss": 1.0}, "accuracy") == 0.6   # the main accuracy
+    assert sweep.metric_value(values, "missing") is None
+    assert sweep.direction_of("accuracy") == "maximize" and sweep.direction_of("loss") == "minimize"
+    assert sweep.direction_of("loss", "maximize") == "maximize"
+    with pytest.raises(SweepError, match="expected maximize or minimize"):
+        sweep.direction_of("loss", "down")

@@ -7,7 +7,7 @@ import pytest
 
 from caffetune.errors import NetError
 from caffetune.model import prototxt
-from caffetune.transfer import feature_cache, top_net, trunk_cut
+from caffetune.transfer import feature_cache, mirror_replay, top_net, trunk_cut
 
 DATA = """name: "n"
 layer { name: "data" type: "Data" top: "data" top: "label" include { phase: TRAIN }
@@ -160,9 +160,9 @@ def test_the_trunk_net_reads_in_order_without_mirror_in_test():
 
 def test_mirror_draws_replay_caffes_generator_chain():
     # boost::mt19937(7): its second output seeds the transformer; a fixed seed gives a fixed flip sequence.
-    first = feature_cache.transformer_draws(7, 16)
-    assert (first == feature_cache.transformer_draws(7, 16)).all()
-    assert not (first == feature_cache.transformer_draws(8, 16)).all()
+    first = mirror_replay.transformer_draws(7, 16)
+    assert (first == mirror_replay.transformer_draws(7, 16)).all()
+    assert not (first == mirror_replay.transformer_draws(8, 16)).all()
     import numpy as np
 
     reference = np.random.MT19937()

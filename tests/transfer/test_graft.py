@@ -1,4 +1,4 @@
-"""Issue 7: `caffetune graft` against the real Caffe: bit-identical copies, kept class rows, `caffe train -weights`,
+"""`caffetune graft` against the real Caffe: bit-identical copies, kept class rows, `caffe train -weights`,
 and the copy/ignore decisions Caffe's own log reports."""
 from __future__ import annotations
 
@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from caffetune.transfer import graft
-from caffetune.model import prototxt
-from caffetune.model import shapes
-from caffetune.model import caffemodels
 from caffetune.cli import cli
 from caffetune.errors import NetError
+from caffetune.model import caffemodels, prototxt, shapes
+from caffetune.transfer import fillers, graft
+
 from helpers import caffe_train, run_pycaffe, save_random_weights, write_tiny_lmdb
 
 BODY = """
@@ -212,12 +211,12 @@ def test_labels_files_give_the_kept_classes(tmp_path):
 def test_fillers_follow_caffe():
     rng = np.random.default_rng(0)
     filler = prototxt.parse('weight_filler { type: "xavier" }', "InnerProductParameter").weight_filler
-    values = graft.fill((100, 300), filler, rng)
+    values = fillers.fill((100, 300), filler, rng)
     assert np.abs(values).max() <= np.sqrt(3 / 300) and values.dtype == np.float32
     msra = prototxt.parse('weight_filler { type: "msra" variance_norm: FAN_OUT }', "InnerProductParameter")
-    assert abs(graft.fill((400, 100), msra.weight_filler, rng).std() - np.sqrt(2 / 400)) < 0.005
+    assert abs(fillers.fill((400, 100), msra.weight_filler, rng).std() - np.sqrt(2 / 400)) < 0.005
     constant = prototxt.parse('bias_filler { value: 0.2 }', "InnerProductParameter").bias_filler
-    assert np.all(graft.fill((3,), constant, rng) == np.float32(0.2))
+    assert np.all(fillers.fill((3,), constant, rng) == np.float32(0.2))
 
 
 def test_plan_matches_legacy_blobs_and_unknown_dimensions():

@@ -1,4 +1,4 @@
-"""Issue 4: image lists (class folders, Caffe list files, CSV), label checks and the stratified seeded split."""
+"""Image lists (class folders, Caffe list files, CSV), label checks and the stratified seeded split."""
 from __future__ import annotations
 
 from collections import Counter
@@ -6,8 +6,8 @@ from collections import Counter
 import pytest
 
 from caffetune.data import imagelist
-from caffetune.errors import DatasetError
 from caffetune.data.imagelist import Record
+from caffetune.errors import DatasetError
 
 
 def _touch(path, data=b"x"):

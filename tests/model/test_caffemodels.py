@@ -1,4 +1,4 @@
-"""Issue 7: reading caffemodels layer by layer (V2, V1 with legacy 4-D blobs), checked against the real pycaffe."""
+"""Reading caffemodels layer by layer (V2, V1 with legacy 4-D blobs), checked against the real pycaffe."""
 from __future__ import annotations
 
 import json
@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from caffetune.model import schema
-from caffetune.model import caffemodels
 from caffetune.errors import PrototxtError
+from caffetune.model import caffemodels, schema
+
 from helpers import run_pycaffe, save_random_weights
 
 NET = """

@@ -1,4 +1,4 @@
-"""Issue 6: Fashion-MNIST's IDX files as a folder of class folders, and the pretrained model carried by PyPI."""
+"""Fashion-MNIST's IDX files as a folder of class folders, and the pretrained model carried by PyPI."""
 from __future__ import annotations
 
 import gzip
@@ -13,10 +13,9 @@ import cv2
 import numpy as np
 import pytest
 
-from caffetune.demo import fashion_mnist
-from caffetune.demo import pretrained
-from caffetune.model import prototxt
+from caffetune.demo import fashion_mnist, pretrained
 from caffetune.errors import DatasetError, DownloadError
+from caffetune.model import prototxt
 
 
 def write_idx(path, array: np.ndarray, compress: bool = True) -> None:

@@ -1,4 +1,4 @@
-"""Issue 6: a scaled-down `make demo` (few images, few iterations) on the real Caffe, and the commands it prints."""
+"""A scaled-down `make demo` (few images, few iterations) on the real Caffe, and the commands it prints."""
 from __future__ import annotations
 
 import json
@@ -9,11 +9,11 @@ import sys
 import pytest
 from click.testing import CliRunner
 
+from caffetune.cli import cli
 from caffetune.demo import pipeline
+from caffetune.errors import DatasetError
 from caffetune.model import prototxt
 from caffetune.train import runner
-from caffetune.cli import cli
-from caffetune.errors import DatasetError
 
 SMALL = dict(images_per_class=6, test_per_class=2, epochs=1.0, batch_size=9)
 

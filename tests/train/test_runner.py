@@ -1,4 +1,4 @@
-"""Issue 5: `caffetune run` with the real caffe: run directory, metrics equal to the log, Ctrl-C and --resume,
+"""`caffetune run` with the real caffe: run directory, metrics equal to the log, Ctrl-C and --resume,
 watchdogs, GPU fallback, best snapshot and early stopping."""
 from __future__ import annotations
 
@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from caffetune.model import caffe_tools
-from caffetune.train import metrics
-from caffetune.model import prototxt
-from caffetune.train import runner
 from caffetune.errors import CaffetuneError, RunError
+from caffetune.model import caffe_tools, prototxt
+from caffetune.train import metrics, runner
 from caffetune.train.logparse import Record
+
 from helpers import write_tiny_classifier
 
 

@@ -1,15 +1,14 @@
-"""Issue 3: the uniform layer view over current and legacy V1 nets."""
+"""The uniform layer view over current and legacy V1 nets."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-from caffetune.model import layers
-from caffetune.model import prototxt
 from caffetune.errors import NetError
+from caffetune.model import layers, prototxt
 
-DATA = Path(__file__).parent / "data" / "rewrite"
+DATA = Path(__file__).resolve().parents[1] / "data" / "rewrite"
 
 V2 = """
 layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"

@@ -1,19 +1,13 @@
-"""Issue 2: the schema, the Caffe build, doctor, and a real `caffe train` on a tiny LMDB."""
+"""The schema (pinned caffe.proto, or a fork's compiled on the fly), prototxt parse errors, and pycaffe's own
+protobuf module side by side with caffetune's in one process."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
-from click.testing import CliRunner
 
-from caffetune import files
-from caffetune.model import prototxt
-from caffetune.model import schema
-from caffetune.cli import cli
 from caffetune.errors import PrototxtError
-from helpers import caffe_train, run_pycaffe, write_tiny_classifier
+from caffetune.model import prototxt, schema
+
+from helpers import run_pycaffe
 
 
 def test_pinned_schema_parses_a_net():
@@ -64,34 +58,3 @@ def test_pycaffe_and_caffetune_schema_coexist_in_one_process(caffe_install):
             print("ok")
         """)
         assert result.stdout.strip() == "ok"
-
-
-def test_doctor_json_names_binary_pycaffe_and_schema(caffe_install):
-    result = subprocess.run([sys.executable, "-m", "caffetune", "doctor", "--json"], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
-    assert report["caffe"] == str(caffe_install.binary)
-    assert report["pycaffe"].endswith("__init__.py")
-    assert "caffe.proto" in report["schema"]
-    assert report["build"] in ("CPU_ONLY", "CUDA")
-
-
-def test_doctor_fails_with_the_fix_when_caffe_is_missing(tmp_path):
-    result = CliRunner().invoke(cli, ["--caffe", str(tmp_path / "nope"), "doctor"])
-    assert result.exit_code == 3
-    assert "not an executable caffe binary" in result.output
-
-
-def test_write_atomic_leaves_no_temporary_files(tmp_path):
-    target = tmp_path / "out" / "net.prototxt"
-    files.write_atomic(target, "name: 'n'\n")
-    assert target.read_text() == "name: 'n'\n"
-    assert [p.name for p in target.parent.iterdir()] == ["net.prototxt"]
-
-
-def test_real_caffe_trains_a_tiny_net_on_a_tiny_lmdb(caffe_install, tmp_path):
-    _, solver = write_tiny_classifier(tmp_path, max_iter=5)
-    result = caffe_train(caffe_install, solver)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Optimization Done." in result.stderr
-    assert (tmp_path / "snap_iter_5.caffemodel").is_file()

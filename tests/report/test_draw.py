@@ -1,4 +1,4 @@
-"""Issue 7: `caffetune draw` renders the net with learning-rate states and heads (Graphviz's dot, for real)."""
+"""`caffetune draw` renders the net with learning-rate states and heads (Graphviz's dot, for real)."""
 from __future__ import annotations
 
 import re
@@ -6,9 +6,9 @@ import re
 import pytest
 from click.testing import CliRunner
 
-from caffetune.report import draw
 from caffetune.cli import cli
 from caffetune.errors import CaffetuneError
+from caffetune.report import draw
 
 NET = """
 name: "rewritten"

@@ -1,4 +1,4 @@
-"""Issue 5: the caffe log parser (old and new formats, nan/inf), the metrics files and the plots."""
+"""The caffe log parser (old and new formats, nan/inf), the metrics files and the plots."""
 from __future__ import annotations
 
 import json
@@ -7,12 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from caffetune.train import logparse
-from caffetune.train import metrics
-from caffetune.train import plots
+from caffetune.train import logparse, metrics, plots
 from caffetune.train.logparse import Event, LogParser, Record
 
-DATA = Path(__file__).parent / "data" / "logparse"
+DATA = Path(__file__).resolve().parents[1] / "data" / "logparse"
 
 
 def _render(item) -> str:

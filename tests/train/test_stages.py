@@ -1,4 +1,4 @@
-"""Issue 5: two-stage fine-tuning - heads only with the backbone frozen, then unfreeze with a lower base_lr,
+"""Two-stage fine-tuning - heads only with the backbone frozen, then unfreeze with a lower base_lr,
 starting from stage one's weights."""
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from caffetune.train import metrics
-from caffetune.model import prototxt
-from caffetune.train import runner
-from caffetune.train import stages
 from caffetune.errors import NetError
+from caffetune.model import prototxt
+from caffetune.train import metrics, runner, stages
+
 from helpers import save_random_weights, write_tiny_classifier
 
 

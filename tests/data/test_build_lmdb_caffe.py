@@ -1,4 +1,4 @@
-"""Issue 4 against the real Caffe tools: our Datums equal convert_imageset's, our mean equals compute_image_mean's,
+"""Against the real Caffe tools: our Datums equal convert_imageset's, our mean equals compute_image_mean's,
 and the real `caffe train` reads our raw and encoded databases with our mean file."""
 from __future__ import annotations
 
@@ -10,12 +10,10 @@ import lmdb
 import numpy as np
 import pytest
 
-from caffetune.data import dataset
-from caffetune.data import imagelist
-from caffetune.data import lmdb_reader
-from caffetune.data import mean
+from caffetune.data import dataset, imagelist, lmdb_reader, mean
 from caffetune.data.dataset import BuildOptions
 from caffetune.data.datum import ImageOptions
+
 from helpers import caffe_train, write_class_folders
 
 

@@ -1,4 +1,4 @@
-"""Issue 3 against the real Caffe: every rewritten net loads and runs in pycaffe, and `caffe train -weights BASE`
+"""Against the real Caffe: every rewritten net loads and runs in pycaffe, and `caffe train -weights BASE`
 copies every layer except the renamed heads."""
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 from caffetune.cli import cli
+
 from helpers import caffe_train, run_pycaffe, save_random_weights, write_tiny_lmdb
-from test_rewrite import CASES, DATA, read_case
+from rewrite_cases import CASES, DATA, read_case
 
 
 @pytest.fixture(scope="module")

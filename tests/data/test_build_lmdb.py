@@ -1,4 +1,4 @@
-"""Issue 4: build-lmdb / inspect-lmdb without the Caffe tools: layout, reproducibility, skipped files, unusual
+"""Build-lmdb / inspect-lmdb without the Caffe tools: layout, reproducibility, skipped files, unusual
 images, resize modes, encoded Datums, map growth, atomic output, the reader's errors and the CLI."""
 from __future__ import annotations
 
@@ -16,19 +16,16 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from caffetune.data import dataset
-from caffetune.data import datum
-from caffetune.data import imagelist
-from caffetune.data import lmdb_reader
-from caffetune.data import mean
 from caffetune.cli import cli
+from caffetune.data import dataset, datum, imagelist, lmdb_reader, mean
 from caffetune.data.dataset import BuildOptions
 from caffetune.data.datum import ImageOptions
-from caffetune.errors import DatasetError
 from caffetune.data.lmdb_writer import LmdbWriter, make_key
+from caffetune.errors import DatasetError
+
 from helpers import smooth_image, write_class_folders
 
-GOLDEN = Path(__file__).parent / "data" / "build_lmdb"
+GOLDEN = Path(__file__).resolve().parents[1] / "data" / "build_lmdb"
 
 
 def _build(source, out, **options):

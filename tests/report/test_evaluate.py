@@ -1,4 +1,4 @@
-"""Issue 5: `caffetune eval` with pycaffe, checked against a hand computation of the same linear classifier."""
+"""`caffetune eval` with pycaffe, checked against a hand computation of the same linear classifier."""
 from __future__ import annotations
 
 import json
@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from caffetune.report import evaluate
-from caffetune.model import schema
 from caffetune.cli import cli
+from caffetune.model import schema
+from caffetune.report import evaluate
+
 from helpers import run_pycaffe, write_tiny_lmdb
 
 CLASSES, SIZE, INPUT = 6, 6, 4     # 6x6 stored images, centre-cropped to the 4x4 input
@@ -87,7 +88,7 @@ def test_eval_on_a_folder_of_class_folders_matches_the_lmdb(linear, tmp_path):
     from caffetune.data import lmdb_reader
 
     names = ["ant", "bee", "cat", "dog", "eel", "fox"]
-    for index, (key, image, label) in enumerate(lmdb_reader.iter_records(db)):
+    for index, (_key, image, label) in enumerate(lmdb_reader.iter_records(db)):
         (tmp_path / names[label]).mkdir(exist_ok=True)
         cv2.imwrite(str(tmp_path / names[label] / f"{index:03d}.png"), image)
     pre = evaluate.Preprocessing(mean_values=MEAN_VALUES, scale=SCALE)

@@ -1,4 +1,4 @@
-"""Issue 7: `caffetune inspect` (nets and weights files) and shape inference, checked against the real pycaffe."""
+"""`caffetune inspect` (nets and weights files) and shape inference, checked against the real pycaffe."""
 from __future__ import annotations
 
 import json
@@ -9,13 +9,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from caffetune.report import inspection as report_lib
-from caffetune.model import prototxt
-from caffetune.model import schema
-from caffetune.model import shapes
 from caffetune.cli import cli
+from caffetune.model import prototxt, schema, shapes
+from caffetune.report import inspection as report_lib
 
-GOLDEN = Path(__file__).parent / "data" / "inspect"
+GOLDEN = Path(__file__).resolve().parents[1] / "data" / "inspect"
 
 TINY = """
 name: "tiny"

@@ -1,4 +1,4 @@
-"""Issue 6: `caffetune fit-head` / `run --fit-head`: the new head fitted as a linear probe on the pretrained
+"""`caffetune fit-head` / `run --fit-head`: the new head fitted as a linear probe on the pretrained
 features, checked against the real Caffe (its own data layer feeds the fit, `caffe test` scores the result)."""
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from caffetune.transfer import head_fit
-from caffetune.model import layers
-from caffetune.model import prototxt
 from caffetune.cli import cli
 from caffetune.errors import DatasetError, NetError
+from caffetune.model import layers, prototxt
+from caffetune.transfer import head_fit
+
 from helpers import run_pycaffe, save_random_weights, write_tiny_classifier
 
 

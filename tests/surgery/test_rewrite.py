@@ -1,4 +1,4 @@
-"""Issue 3: `caffetune rewrite` golden cases, semantics against Caffe's Flickr Style example, and error paths.
+"""`caffetune rewrite` golden cases, semantics against Caffe's Flickr Style example, and error paths.
 
 Each folder in tests/golden/rewrite holds case.txt (input and flags) and the expected results: for every net written,
 `<role>.diff` (the unified diff of the input and the output: only the real changes), the solver as a whole file, and
@@ -10,30 +10,19 @@ from __future__ import annotations
 import difflib
 import json
 import os
-import shlex
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from caffetune.model import layers
-from caffetune.model import prototxt
-from caffetune.surgery import rewrite
-from caffetune.model import textedit
 from caffetune.cli import cli
 from caffetune.errors import NetError, PrototxtError
+from caffetune.model import layers, prototxt, textedit
+from caffetune.surgery import rewrite
 
-GOLDEN = Path(__file__).parent / "golden" / "rewrite"
-DATA = Path(__file__).parent / "data" / "rewrite"
-CASES = sorted(p.name for p in GOLDEN.iterdir() if (p / "case.txt").is_file())
+from rewrite_cases import CASES, DATA, GOLDEN, read_case
+
 UPDATE = os.environ.get("CAFFETUNE_UPDATE_GOLDEN") == "1"
-
-
-def read_case(name: str, caffe_source: Path) -> tuple[Path, list[str]]:
-    fields = dict(line.split(": ", 1) for line in (GOLDEN / name / "case.txt").read_text().splitlines() if line)
-    kind, _, relative = fields["input"].partition(":")
-    base = caffe_source if kind == "caffe" else DATA
-    return base / relative, shlex.split(fields["flags"])
 
 
 def run_rewrite(net: Path, flags: list[str], out: Path) -> dict:

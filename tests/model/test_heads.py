@@ -1,16 +1,15 @@
-"""Issue 3: classifier head detection."""
+"""Classifier head detection."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-from caffetune.model import heads
-from caffetune.surgery import lr_policy
-from caffetune.model import prototxt
 from caffetune.errors import NetError
+from caffetune.model import heads, prototxt
+from caffetune.surgery import lr_policy
 
-DATA = Path(__file__).parent / "data" / "rewrite"
+DATA = Path(__file__).resolve().parents[1] / "data" / "rewrite"
 
 SQUEEZENET_TAIL = """
 layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 8 dim: 8 } } }

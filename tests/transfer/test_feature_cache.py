@@ -1,0 +1,87 @@
+"""The feature cache on disk: its size bound (least recently used first), the HDF5 files HDF5Data reads, the
+dataset names HDF5 can carry, and the refusals of what a cache cannot reproduce."""
+from __future__ import annotations
+
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+from caffetune.errors import DatasetError, RunError
+from caffetune.model import prototxt, schema
+from caffetune.transfer import feature_cache, mirror_replay, top_net
+
+
+def fake_cache(root, name: str, size: int, used: float):
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "rows.h5").write_bytes(b"x" * size)
+    manifest = folder / feature_cache.MANIFEST
+    manifest.write_text(json.dumps({"bytes": size}))
+    os.utime(manifest, (used, used))
+    return folder
+
+
+def test_make_room_deletes_the_least_recently_used_caches_first(tmp_path):
+    old = fake_cache(tmp_path, "old", 400, used=1000)
+    recent = fake_cache(tmp_path, "recent", 400, used=2000)
+    removed = feature_cache.make_room(tmp_path, needed=300, limit=1000)
+    assert removed == [old] and not old.exists() and recent.exists()
+    assert feature_cache.make_room(tmp_path, needed=100, limit=1000) == []
+
+
+def test_a_cache_larger_than_the_bound_is_refused_before_the_pass(tmp_path):
+    with pytest.raises(DatasetError, match="over the") as error:
+        feature_cache.make_room(tmp_path, needed=5 << 30, limit=1 << 30)
+    assert feature_cache.LIMIT_ENV in error.value.fix
+
+
+def test_hdf5_files_are_split_by_size_and_listed_for_hdf5data(tmp_path, monkeypatch):
+    monkeypatch.setattr(feature_cache, "FILE_BYTES", 10 * 8 * 4)        # 10 rows of 8 floats per file
+    rows = {"pool/5": np.arange(25 * 7, dtype=np.float32).reshape(25, 7), "label": np.arange(25, dtype=np.float32)}
+    names = feature_cache.dataset_names(list(rows))
+    assert names == {"pool/5": "pool_5", "label": "label"}
+    written = feature_cache.write_hdf5(tmp_path, "train", rows, names)
+    assert written == ["train-000.h5", "train-001.h5", "train-002.h5"]
+    listed = (tmp_path / "train.txt").read_text().split()
+    assert listed == [str(tmp_path / name) for name in written]
+    back = np.concatenate([h5py.File(path, "r")["pool_5"][...] for path in listed])
+    assert (back == rows["pool/5"]).all()
+
+
+def test_colliding_dataset_names_stay_distinct():
+    assert feature_cache.dataset_names(["a/b", "a_b"]) == {"a/b": "a_b", "a_b": "a_b_"}
+
+
+def test_mirror_sequence_rows_follow_the_transformer_draws(tmp_path):
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    plain = {"feat": np.arange(5, dtype=np.float32)[:, None] * np.ones((5, 3), np.float32),
+             "label": np.arange(5, dtype=np.float32)}
+    flipped = {"feat": -plain["feat"], "label": plain["label"]}
+    identity = {"feat": "feat", "label": "label"}
+    manifest = {"phases": {"TRAIN": {"images": 5, "files": feature_cache.write_hdf5(folder, "train", plain, identity),
+                                     "mirror_files": feature_cache.write_hdf5(folder, "train-mirror", flipped,
+                                                                              identity)}}}
+    cache = feature_cache.FeatureCache(folder, manifest)
+    listed = mirror_replay.write_mirror_sequence(cache, tmp_path / "run", rows=12, random_seed=11)
+    with h5py.File(listed.read_text().split()[0], "r") as handle:
+        feat, label = handle["feat"][...], handle["label"][...]
+    flips = mirror_replay.transformer_draws(11, 12) % 2 == 1
+    assert (label == np.arange(12) % 5).all()                          # record k mod N, wrapping as Caffe does
+    assert (feat[:, 0] == np.where(flips, -1, 1) * (np.arange(12) % 5)).all()
+    assert 0 < flips.sum() < 12
+
+
+def test_the_top_solver_keeps_the_schedule_and_refuses_split_nets(tmp_path):
+    solver = prototxt.parse('net: "tv.prototxt" base_lr: 0.01 lr_policy: "step" stepsize: 7 max_iter: 30 '
+                            'test_interval: 10 test_iter: 2 snapshot: 10 random_seed: 3', "SolverParameter")
+    top = top_net.top_solver(solver, tmp_path / "top.prototxt")
+    assert top.net == str(tmp_path / "top.prototxt") and solver.net == "tv.prototxt"     # the input is not mutated
+    assert (top.max_iter, top.stepsize, top.test_interval, top.snapshot, top.random_seed) == (30, 7, 10, 10, 3)
+    split = schema.current().SolverParameter(train_net="train.prototxt")
+    split.test_net.append("test.prototxt")
+    with pytest.raises(RunError, match="one file"):
+        top_net.top_solver(split, tmp_path / "top.prototxt")
