@@ -65,9 +65,9 @@ def _print_plan(result, to) -> None:
 @click.option("--check", is_flag=True, help="write nothing; exit 1 when the outputs would change")
 @click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
 def rewrite(net, classes, name, rename, heads, weights, new_lr_mult, freeze, freeze_through, backbone_lr_mult,
-            class_weights, upgrade, train_source, val_source, batch_size, val_batch_size, mean_file, mean_value, crop_size, solver,
-            epochs, train_size, val_size, base_lr, lr_policy, stepsize, gamma, max_iter, test_interval, snapshot,
-            snapshot_prefix, solver_mode, output, in_place, show_diff, check, as_json) -> None:
+            class_weights, upgrade, train_source, val_source, batch_size, val_batch_size, mean_file, mean_value,
+            crop_size, solver, epochs, train_size, val_size, base_lr, lr_policy, stepsize, gamma, max_iter,
+            test_interval, snapshot, snapshot_prefix, solver_mode, output, in_place, show_diff, check, as_json) -> None:
     """Replace the classifier head(s) of NET for CLASSES classes and set the learning-rate policy."""
     from caffetune.surgery.net_edits import DataOptions
     from caffetune.surgery.rewrite import Options, rewrite_files

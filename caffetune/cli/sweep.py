@@ -40,6 +40,22 @@ class SweepView:
             self.view(item)
 
 
+def _sigterm_as_ctrl_c() -> list:
+    """SIGTERM (a batch system preempting the worker) stops the running trial as Ctrl-C does: caffe snapshots, the
+    trial's values are queued again. Returns a list that gets an entry when it happened."""
+    import os
+    import signal
+
+    seen: list = []
+
+    def handle(signum, _frame) -> None:
+        seen.append(signum)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    signal.signal(signal.SIGTERM, handle)
+    return seen
+
+
 def _show(name: str, storage: str | None, runs_dir: str, as_json: bool) -> None:
     from pathlib import Path
 
@@ -127,12 +143,13 @@ def sweep(obj: Context, solver, weights, name, trials, params, tries, storage, r
         enqueue=[sweep_space.parse_fixed(text, space) for text in tries], gpu=gpu, strict_gpu=strict_gpu,
         caffe=obj.caffe, early_stop=early_stop, fit_head=fit_head, cache_features=cache_features,
         preflight=not no_preflight)
+    terminated = _sigterm_as_ctrl_c()
     try:
         with RunView() as view:
             result = sweeping.run(options, callback=SweepView(view))
     except sweeping.SweepInterrupted as error:
         click.echo(f"interrupted: {error.what}; run the same command again to continue", err=True)
-        sys.exit(ExitCode.INTERRUPTED)
+        sys.exit(ExitCode.TERMINATED if terminated else ExitCode.INTERRUPTED)
     ran = ", ".join(str(n) for n in result.ran) or "none"
     out.print(f"{result.finished} of {trials} trials finished in {name} (this process ran: {ran})")
     if result.best:

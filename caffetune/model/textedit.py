@@ -33,10 +33,10 @@ class Node:
     end: int                       # offset just after the value or closing brace
     value_start: int = 0
     value_end: int = 0
-    children: list["Node"] | None = None   # set for message values
+    children: list[Node] | None = None   # set for message values
     open: int = 0                  # offset of "{" / "<" for messages
     close: int = 0                 # offset of "}" / ">" for messages
-    group: "Node | None" = None    # for an element of `name: [a, b]`: the whole list field
+    group: Node | None = None    # for an element of `name: [a, b]`: the whole list field
 
 
 class _Unsupported(Exception):

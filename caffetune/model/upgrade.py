@@ -35,7 +35,8 @@ _IMAGES = {"images": "image_data_param"}
 _FIELDS = {
     "num_output": ("num_output", _LEARNED), "biasterm": ("bias_term", _LEARNED),
     "weight_filler": ("weight_filler", _LEARNED), "bias_filler": ("bias_filler", _LEARNED),
-    "pad": ("pad", _SPATIAL), "kernelsize": ("kernel_size", _SPATIAL), "group": ("group", {"conv": "convolution_param"}),
+    "pad": ("pad", _SPATIAL), "kernelsize": ("kernel_size", _SPATIAL),
+    "group": ("group", {"conv": "convolution_param"}),
     "stride": ("stride", _SPATIAL), "pool": ("pool", {"pool": "pooling_param"}),
     "dropout_ratio": ("dropout_ratio", {"dropout": "dropout_param"}),
     "local_size": ("local_size", {"lrn": "lrn_param"}), "alpha": ("alpha", {"lrn": "lrn_param"}),
@@ -291,3 +292,10 @@ def read_net(text: str, path: str = "<text>") -> tuple[str, Message, list[str]]:
         notes += [f"{path} is a V0 net (2014 format): written in the current format, as Caffe's "
                   f"upgrade_net_proto_text does"] + dropped
     return text, net, notes
+
+
+def load(path) -> tuple[Message, list[str]]:
+    """Read a net file as `read_net` does (V0 upgraded, mis-keyed layers read): (net, notes)."""
+    _, net, notes = read_net(prototxt.read_text(path), str(path))
+    layers.check_not_mixed(net, where=str(path))
+    return net, notes

@@ -14,7 +14,7 @@ from google.protobuf.message import Message
 
 from caffetune import files
 from caffetune.errors import CaffetuneError, NetError
-from caffetune.model import heads, prototxt, shapes
+from caffetune.model import heads, shapes, upgrade
 from caffetune.model import layers as L
 from caffetune.surgery import class_layers, lr_policy
 
@@ -86,8 +86,8 @@ def _add_legend(graph) -> None:
         for state, text in LEGEND:
             legend.node(f"legend_{state}", text, shape="box", style="rounded,filled",
                         fillcolor=STATE_COLOURS[state], fontname="Helvetica")
-        legend.node("legend_head", "classifier head / class-dependent layer", shape="box", style="rounded", peripheries="2",
-                    penwidth="2.5", color="#ae017e", fontname="Helvetica")
+        legend.node("legend_head", "classifier head / class-dependent layer", shape="box", style="rounded",
+                    peripheries="2", penwidth="2.5", color="#ae017e", fontname="Helvetica")
 
 
 def draw_net(net_path: Path | str, output: Path | str, *, phase: str = "TRAIN", rankdir: str = "TB") -> Path:
@@ -97,8 +97,7 @@ def draw_net(net_path: Path | str, output: Path | str, *, phase: str = "TRAIN", 
     if fmt not in FORMATS:
         raise CaffetuneError(f"cannot draw to a .{fmt or '(none)'} file", where=str(output),
                              fix=f"name the output with one of: {', '.join('.' + f for f in FORMATS)}")
-    net = prototxt.load(net_path)
-    L.check_not_mixed(net, str(net_path))
+    net, _ = upgrade.load(net_path)      # V0 nets upgraded as Caffe reads them
     graph = build_graph(net, phase=phase, rankdir=rankdir, base_dir=Path(net_path).parent)
     if fmt == "dot":
         files.write_atomic(output, graph.source)

@@ -17,7 +17,7 @@ from pathlib import Path
 from google.protobuf.message import Message
 
 from caffetune.errors import CaffetuneError, NetError
-from caffetune.model import caffe_tools, caffemodels, heads, prototxt, shapes
+from caffetune.model import caffe_tools, caffemodels, heads, prototxt, shapes, upgrade
 from caffetune.model import layers as L
 from caffetune.surgery import class_layers, lr_policy
 from caffetune.transfer import fillers, graft
@@ -115,7 +115,7 @@ def without_fillers(net: Message) -> Message:
 def pycaffe_shapes(net_path: Path | str, phase: str, install=None, timeout: int = 600) -> shapes.NetShapes:
     """Shapes Caffe itself computes by building the net; raises CaffetuneError when it cannot."""
     install = install or caffe_tools.find_caffe()
-    net = without_fillers(prototxt.load(net_path))
+    net = without_fillers(upgrade.load(net_path)[0])
     # Caffe resolves the net's relative paths (LMDBs, list files) from the working directory, wherever the file is.
     with tempfile.NamedTemporaryFile("w", suffix=".prototxt", prefix="caffetune-shapes-") as handle:
         handle.write(prototxt.format(net))
@@ -213,9 +213,9 @@ def _trainable(row: LayerRow) -> int:
 def inspect_net(net_path: Path | str, weights_path: Path | str | None = None, *, phase: str = "TRAIN",
                 use_pycaffe: bool = True, caffe: str | None = None) -> NetReport:
     """The report for a net (and, with `weights_path`, how Caffe would copy that file's layers into it)."""
-    net = prototxt.load(net_path)
-    L.check_not_mixed(net, str(net_path))
+    net, read_notes = upgrade.load(net_path)      # V0 nets upgraded as Caffe reads them
     net_shapes, source, notes = net_shapes_for(net, net_path, phase, use_pycaffe, caffe)
+    notes = read_notes + notes
     head_names, head_note = _detected_heads(net)
     states = lr_policy.layer_states(net)
     rows = [_row(layer, net_shapes, states, set(head_names)) for layer in L.all_layers(net)

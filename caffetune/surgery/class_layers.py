@@ -45,6 +45,7 @@ PASS = frozenset({"Dropout", "ReLU", "PReLU", "ELU", "TanH", "AbsVal", "Power", 
                   "Reshape", "Permute", "Split", "BatchNorm", "BN", "Scale", "Bias", "Softmax", "Crop", "Upsample",
                   "Interp", "Normalize", "LRN", "MVN"})
 MERGE = frozenset({"Eltwise", "Concat"})
+GATING = frozenset({"Scale", "Eltwise", "Axpy", "Bias"})   # layers a probability gate multiplies features in
 UPSAMPLING = frozenset({"Deconvolution", "Upsample", "Interp"})
 PS_POOLING = frozenset({"PSROIPooling", "DeformablePSROIPooling"})
 ROI_POOLING = frozenset({"ROIPooling", "ROIAlign", "ROIPool", "RoIPooling"}) | PS_POOLING
@@ -312,13 +313,23 @@ def find_anchors(net: Message) -> tuple[_Graph, list[_Anchor], list[_Anchor]]:
         kind = graph.kind(index)
         if kind in DETECTION_CONSUMERS:
             anchors += _detection_anchor(graph, index)
-        elif kind in SOFTMAX_FAMILY or (kind.startswith("Softmax") and kind.endswith("Loss")):
+        elif (kind in SOFTMAX_FAMILY or (kind.startswith("Softmax") and kind.endswith("Loss"))) and \
+                not _is_gate(graph, index):
             anchor = _softmax_anchor(graph, index)
             if anchor is not None:
                 anchors.append(anchor)
     anchors += _output_anchors(graph, {anchor.layer for anchor in anchors})
     objectness = [anchor for anchor in anchors if not anchor.detection and _is_objectness(graph, anchor)]
     return graph, [anchor for anchor in anchors if anchor not in objectness], objectness
+
+
+def _is_gate(graph: _Graph, index: int) -> bool:
+    """A Sigmoid/Softmax whose output multiplies features (squeeze-and-excitation, attention) scores no classes."""
+    if graph.kind(index) not in ("Sigmoid", "Softmax") or not graph.entries[index].top:
+        return False
+    top = graph.entries[index].top[0]
+    return any(graph.kind(reader) in GATING and len(graph.entries[reader].bottom) > 1
+               for reader in graph.readers(top, index))
 
 
 def _output_anchors(graph: _Graph, consumers: set[int]) -> list[_Anchor]:

@@ -159,10 +159,11 @@ def history_figure(study: optuna.Study) -> matplotlib.figure.Figure:
 
 
 def importances(study: optuna.Study) -> dict[str, float] | None:
-    """Parameter importances (PED-ANOVA: no scikit-learn needed); None below two completed trials."""
+    """Parameter importances (PED-ANOVA: no scikit-learn needed); None below two completed trials of different
+    values."""
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if len(completed) < 2:
-        return None
+    if len(completed) < 2 or len({t.value for t in completed}) < 2:
+        return None       # nothing tells the parameters apart
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)   # PED-ANOVA warns when every trial is a top trial
     try:

@@ -14,24 +14,18 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from google.protobuf.message import Message
 
-from caffetune.model import caffe_tools
-from caffetune.transfer import graft
-from caffetune.model import heads
-from caffetune.model import layers
-from caffetune.train import preflight
-from caffetune.model import prototxt
-from caffetune.surgery import solver
-from caffetune.model import caffemodels
 from caffetune.errors import DatasetError, NetError
+from caffetune.model import caffe_tools, caffemodels, heads, layers, prototxt
+from caffetune.surgery import solver
 from caffetune.surgery.net_edits import copy
-
+from caffetune.transfer import graft
 
 
 @dataclass
@@ -277,6 +271,9 @@ def fit_heads(net_path: Path | str, source: Path | str, output: Path | str, opti
     data_layer = train_data_layer(net)
     install = caffe_tools.find_caffe(caffe)
     if check:
+        # The one import against the stage order (docs/architecture.md): fit-head runs run's own checks first.
+        from caffetune.train import preflight  # noqa: PLC0415
+
         preflight.check({net_path.name: net}, weights=[source], install=install,
                         roles={net_path.name: "net"}).raise_for_problems()
     available = training_set_size(data_layer)

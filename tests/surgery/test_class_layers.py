@@ -272,3 +272,14 @@ def test_cli_class_weights_replace_a_per_class_list(fork, tmp_path):
     assert done.exit_code == 0, done.stderr
     net = prototxt.parse((tmp_path / "out.prototxt").read_text())
     assert list(_layer(net, "loss").loss_param.class_weighting) == [1.0, 3.0]
+
+
+def test_a_sigmoid_gate_in_the_backbone_is_not_a_class_output(fork):
+    gate = """
+layer { name: "squeeze" type: "InnerProduct" bottom: "body1" top: "squeeze" inner_product_param { num_output: 8 } }
+layer { name: "gate" type: "Sigmoid" bottom: "squeeze" top: "gate" }
+layer { name: "excite" type: "Scale" bottom: "body1" bottom: "gate" top: "body1_se" scale_param { axis: 0 } }
+"""
+    text = (DATA / "ssd_like_train.prototxt").read_text().replace('layer {\n  name: "body2"', gate + 'layer {\n  name: "body2"', 1)
+    result = rewrite.rewrite_text(text, rewrite.Options(classes=3, name="new"))
+    assert [head.name for head in result.heads] == ["q_a", "q_b"]

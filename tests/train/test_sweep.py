@@ -118,3 +118,24 @@ def test_a_killed_worker_s_trial_is_failed_by_heartbeat_and_the_study_continues(
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         assert optuna.storages.RetryFailedTrialCallback.retried_trial_number(retry) == 1
     assert long_run.is_dir() and "2 of 2 trials finished in kill" in output
+
+
+def test_sigterm_stops_the_trial_like_ctrl_c_and_queues_its_values_again(caffe_install, tmp_path):
+    _, solver = write_learnable_classifier(tmp_path / "data", max_iter=200000, test_interval=1000)
+    process = worker(tmp_path, "--solver", str(solver), "--name", "term", "--trials", "1", "--param",
+                     "base_lr=log:1e-3:1e-1", "--no-preflight")
+    run = tmp_path / "runs" / "term" / "trial-0000"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (run / "metrics.jsonl").is_file():
+        time.sleep(0.05)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 143, output
+    assert "run the same command again to continue" in output
+    study = sweep_results.load("term", None, base=tmp_path)
+    stopped, queued = trials(study)
+    assert (stopped.state.name, stopped.user_attrs["note"], queued.state.name) == ("FAIL", "interrupted", "WAITING")
+    assert stopped.user_attrs["iterations"] < 200000
+    assert list((run / "snapshots").glob(f"*_iter_{stopped.user_attrs['iterations']}.solverstate"))
+    assert _caffe_in(run) == []                         # caffe snapshotted and exited with its worker

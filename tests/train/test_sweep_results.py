@@ -78,8 +78,11 @@ def test_a_loss_is_minimised_and_one_trial_is_too_few_for_importances(tmp_path):
     root = tmp_path / "runs" / "lr"
     _add(study, root, 0, TrialState.COMPLETE, 0.9, 0.01, "conv1", weights=b"a")
     assert sweep_results.importances(study) is None
-    _add(study, root, 1, TrialState.COMPLETE, 0.4, 0.001, "conv1", weights=b"b")
-    assert sweep_results.best_trial(study).number == 1
+    _add(study, root, 1, TrialState.COMPLETE, 0.9, 0.05, "none", weights=b"b")
+    assert sweep_results.importances(study) is None          # equal values tell the parameters apart no more
+    _add(study, root, 2, TrialState.COMPLETE, 0.4, 0.001, "conv1", weights=b"c")
+    assert sweep_results.best_trial(study).number == 2
+    assert set(sweep_results.importances(study)) == {"base_lr", "freeze_through"}
     sweep_results.write_outputs(study, root)
     assert json.loads((root / "best.json").read_text())["direction"] == "minimize"
     assert (root / "importance.png").read_bytes()[:4] == b"\x89PNG"
