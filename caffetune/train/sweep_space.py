@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import optuna
 from google.protobuf.descriptor import FieldDescriptor

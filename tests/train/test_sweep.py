@@ -13,10 +13,11 @@ from pathlib import Path
 
 import optuna
 import pytest
-from sweep_helpers import check_trial_runs, finish, trials, worker, write_learnable_classifier
 
 from caffetune.model import prototxt
 from caffetune.train import sweep, sweep_results, sweep_space
+
+from sweep_helpers import check_trial_runs, finish, trials, worker, write_learnable_classifier
 
 pytestmark = pytest.mark.caffe
 
@@ -136,6 +137,7 @@ def test_sigterm_stops_the_trial_like_ctrl_c_and_queues_its_values_again(caffe_i
     study = sweep_results.load("term", None, base=tmp_path)
     stopped, queued = trials(study)
     assert (stopped.state.name, stopped.user_attrs["note"], queued.state.name) == ("FAIL", "interrupted", "WAITING")
+    assert queued.system_attrs["fixed_params"] == stopped.params   # the next run of the command tries them again
     assert stopped.user_attrs["iterations"] < 200000
     assert list((run / "snapshots").glob(f"*_iter_{stopped.user_attrs['iterations']}.solverstate"))
     assert _caffe_in(run) == []                         # caffe snapshotted and exited with its worker

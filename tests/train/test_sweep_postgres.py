@@ -10,10 +10,11 @@ from pathlib import Path
 
 import optuna
 import pytest
-from sweep_helpers import check_trial_runs, finish, trials, worker, write_learnable_classifier
 
 from caffetune.errors import SweepError
 from caffetune.train import sweep_results, sweep_storage
+
+from sweep_helpers import check_trial_runs, finish, trials, worker, write_learnable_classifier
 
 pytestmark = pytest.mark.caffe
 PORT = 5432   # only names the socket file inside the cluster's own folder: no TCP port is opened
