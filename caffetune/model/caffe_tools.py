@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -64,11 +65,19 @@ class CaffeInstall:
         return "libcudart" in result.stdout or "libcublas" in result.stdout
 
     def env(self, base: dict | None = None) -> dict:
-        """An environment in which `python -c 'import caffe'` imports this build's pycaffe."""
+        """An environment in which `python -c 'import caffe'` imports this build's pycaffe, and in which the Python
+        that the caffe binary embeds (for Python layers) finds this virtualenv's packages too: that interpreter
+        starts from its base installation's site-packages, whose numpy may not be the one pycaffe was built for."""
         env = dict(os.environ if base is None else base)
-        if self.pycaffe_dir:
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.pycaffe_dir), env.get("PYTHONPATH")]))
+        folders = [str(self.pycaffe_dir) if self.pycaffe_dir else None, env.get("PYTHONPATH"), _virtualenv_packages()]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(filter(None, os.pathsep.join(filter(None, folders))
+                                                                 .split(os.pathsep))))
         return env
+
+
+def _virtualenv_packages() -> str | None:
+    """This virtualenv's site-packages (None outside a virtualenv), for interpreters that do not know the venv."""
+    return sysconfig.get_paths()["purelib"] if sys.prefix != sys.base_prefix else None
 
 
 _GLOG_PREFIX = re.compile(r"^[FEWI]\d{4,8} [\d:.]+\s+\d+ \S+\] ")

@@ -81,8 +81,9 @@ def test_a_python_layer_on_the_pythonpath_is_clean_and_trains(setup, caffe_insta
     folder, net, solver = setup
     (folder / "layers").mkdir()
     (folder / "layers" / "ident_layer.py").write_text(IDENT_LAYER)
-    # caffe's embedded Python has its own site-packages: the virtualenv's numpy<2 goes on PYTHONPATH too.
-    monkeypatch.setenv("PYTHONPATH", f"{folder / 'layers'}:{sysconfig.get_paths()['purelib']}")
+    # Only the layer's folder: caffe's embedded Python starts from its base site-packages, and CaffeInstall.env
+    # adds this virtualenv's (the numpy pycaffe was built for) by itself.
+    monkeypatch.setenv("PYTHONPATH", str(folder / "layers"))
     text = _with_python_layer(net)
     assert_clean(check_text(text, caffe_install, solver_text=solver.read_text()))
     result = train(caffe_install, folder / "tiny", text, solver.read_text())
