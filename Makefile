@@ -25,7 +25,7 @@ SITE = $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 logged = mkdir -p $(LOGS) && { $(2); } >$(LOGS)/$(1).log 2>&1 || { status=$$?; cat $(LOGS)/$(1).log >&2; \
   echo "setup: $(1) failed (exit $$status); the log above is $(LOGS)/$(1).log" >&2; exit $$status; }
 
-.PHONY: setup apt venv caffe pycaffe-path source proto check lint test demo bench transfer-bench clean
+.PHONY: setup apt venv caffe pycaffe-path source proto check lint docs-check test demo bench transfer-bench clean
 
 setup: apt venv caffe pycaffe-path proto
 	@echo "setup: done (logs in $(LOGS)/)"
@@ -76,7 +76,11 @@ check: venv source proto lint
 	$(PY) -m pytest -q -m "not caffe"
 
 lint: venv
-	$(PY) -m ruff check caffetune tests bench proto
+	$(PY) -m ruff check caffetune tests bench proto tools
+
+# Every shell example of README.md and docs/ (minutes: it trains and evaluates the tour's small runs).
+docs-check: setup
+	$(PY) tools/docs_check.py
 
 test: setup
 	$(PY) -m pytest -q

@@ -100,7 +100,7 @@ def is_learnable_head_type(layer: Message) -> bool:
 def _is_scoring_type(kind: str) -> bool:
     if kind in CLASS_SCORING:
         return True
-    return kind.endswith("Loss") and any(word in kind for word in _CLASS_LOSS_WORDS)
+    return "Loss" in kind and any(word in kind for word in _CLASS_LOSS_WORDS)   # fork losses: FocalLoss, ...
 
 
 def is_class_scoring(entries: list, index: int, outputs: set[str] | None = None) -> bool:
