@@ -39,16 +39,14 @@ import time
 from pathlib import Path
 
 from caffetune import files
-from caffetune.model import caffe_tools
-from caffetune.data import dataset
-from caffetune.demo import fashion_mnist
-from caffetune.data import imagelist
-from caffetune.model import prototxt
-from caffetune.surgery import rewrite
-from caffetune.train import runner
+from caffetune.data import dataset, imagelist
 from caffetune.data.datum import ImageOptions
-from caffetune.surgery.solver import SolverOptions
+from caffetune.demo import fashion_mnist
+from caffetune.model import caffe_tools, prototxt
+from caffetune.surgery import rewrite
 from caffetune.surgery.net_edits import DataOptions
+from caffetune.surgery.solver import SolverOptions
+from caffetune.train import runner
 
 TARGET = float(os.environ.get("TRANSFER_TARGET", "0.90"))
 SEEDS = [int(s) for s in range(int(os.environ.get("TRANSFER_SEEDS", "5")))]
@@ -73,10 +71,12 @@ layer { name: "data" type: "Data" top: "data" top: "label" include { phase: TEST
   transform_param { scale: 0.00390625 } data_param { source: "val_lmdb" backend: LMDB batch_size: 100 } }
 layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
   convolution_param { num_output: 20 kernel_size: 5 weight_filler { type: "xavier" } } }
-layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1"
+  pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
 layer { name: "conv2" type: "Convolution" bottom: "pool1" top: "conv2"
   convolution_param { num_output: 50 kernel_size: 5 weight_filler { type: "xavier" } } }
-layer { name: "pool2" type: "Pooling" bottom: "conv2" top: "pool2" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "pool2" type: "Pooling" bottom: "conv2" top: "pool2"
+  pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
 layer { name: "ip1" type: "InnerProduct" bottom: "pool2" top: "ip1"
   inner_product_param { num_output: 500 weight_filler { type: "xavier" } } }
 layer { name: "relu1" type: "ReLU" bottom: "ip1" top: "ip1" }

@@ -46,6 +46,8 @@ def _print_plan(result, to) -> None:
 @click.option("--mean-file", help="mean .binaryproto for the data layers")
 @click.option("--mean-value", type=types.MEAN_VALUES, help="per-channel mean values for the data layers")
 @click.option("--crop-size", type=click.IntRange(min=1), help="crop size of the data layers")
+@click.option("--mirror/--no-mirror", default=None, help="random left-right flips of the TRAIN images (default: as "
+              "the net has it; a train_val derived from a deploy net mirrors)")
 @click.option("--solver", metavar="PATH|template", help="solver to rewrite (`template`: caffetune's fine-tuning one)")
 @click.option("--epochs", type=float, help="training length in epochs (needs the training set size)")
 @click.option("--train-size", type=int, help="training images (default: counted from --train-source)")
@@ -66,7 +68,7 @@ def _print_plan(result, to) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
 def rewrite(net, classes, name, rename, heads, weights, new_lr_mult, freeze, freeze_through, backbone_lr_mult,
             class_weights, upgrade, train_source, val_source, batch_size, val_batch_size, mean_file, mean_value,
-            crop_size, solver, epochs, train_size, val_size, base_lr, lr_policy, stepsize, gamma, max_iter,
+            crop_size, mirror, solver, epochs, train_size, val_size, base_lr, lr_policy, stepsize, gamma, max_iter,
             test_interval, snapshot, snapshot_prefix, solver_mode, output, in_place, show_diff, check, as_json) -> None:
     """Replace the classifier head(s) of NET for CLASSES classes and set the learning-rate policy."""
     from caffetune.surgery.net_edits import DataOptions
@@ -84,7 +86,7 @@ def rewrite(net, classes, name, rename, heads, weights, new_lr_mult, freeze, fre
         class_weights=class_weights or (),
         data=DataOptions(train_source=train_source, val_source=val_source, batch_size=batch_size,
                          val_batch_size=val_batch_size, mean_file=mean_file, mean_value=mean_value or (),
-                         crop_size=crop_size),
+                         crop_size=crop_size, mirror=mirror),
         solver=solver, solver_options=SolverOptions(
             base_lr=base_lr, lr_policy=lr_policy, stepsize=stepsize, gamma=gamma, max_iter=max_iter, epochs=epochs,
             test_interval=test_interval, train_size=train_size, val_size=val_size, snapshot=snapshot,

@@ -116,10 +116,12 @@ def schedule(train_count: int, options: DemoOptions) -> tuple[int, int]:
 
 
 def rewrite_options(report: DemoReport, options: DemoOptions) -> rewrite.Options:
-    """10-class head `fc_nsfw_fashion`, backbone frozen (BatchNorm on global stats), the model's own mean."""
+    """10-class head `fc_nsfw_fashion`, backbone frozen (BatchNorm on global stats), the model's own mean, no
+    mirror: Fashion-MNIST's shoes and bags all face one way (a flipped training image is one the test set never
+    shows), and a mirrored TRAIN set would make the feature cache forward every training image twice."""
     mean = report.model.model.mean_bgr
     data = DataOptions(train_source=str(report.data / "train_lmdb"), val_source=str(report.data / "val_lmdb"),
-                       batch_size=options.batch_size, mean_value=mean)
+                       batch_size=options.batch_size, mean_value=mean, mirror=False)
     max_iter, stepsize = schedule(report.train_count, options)
     solver = SolverOptions(base_lr=options.base_lr, lr_policy="step", max_iter=max_iter, stepsize=stepsize,
                            solver_mode="CPU", snapshot=0)
@@ -157,7 +159,7 @@ def user_commands(report: DemoReport, options: DemoOptions) -> list[str]:
         f"caffetune rewrite {q(str(report.model.deploy))} --classes {len(options.classes)} --name fashion "
         f"--weights {q(str(report.model.weights))} --freeze backbone "
         f"--train-source {q(str(report.data / 'train_lmdb'))} --val-source {q(str(report.data / 'val_lmdb'))} "
-        f"--batch-size {options.batch_size} --mean-value {mean} --solver template --base-lr {options.base_lr:g} "
+        f"--batch-size {options.batch_size} --mean-value {mean} --no-mirror --solver template --base-lr {options.base_lr:g} "
         f"--lr-policy step --max-iter {max_iter} --stepsize {stepsize} --snapshot 0 --solver-mode CPU "
         f"-o {q(str(report.model_dir))}",
         f"caffetune run --solver {q(str(report.model_dir / 'solver.prototxt'))} "

@@ -193,6 +193,24 @@ def score_sources(entries: list, blob: str, before: int, axis: int = 1,
 
 # --- the two rules ------------------------------------------------------------------------------------------------
 
+def _reconstructs_input(entries: list, position: int) -> bool:
+    """Whether a loss compares its input with what the net itself reads (an autoencoder's reconstruction loss):
+    its target, followed back through shape-only layers, is a blob some learnable layer also reads."""
+    layer = entries[position]
+    if len(layer.bottom) < 2:
+        return False
+    blob, index = layer.bottom[1], position
+    while True:
+        readers_of = [entries[i] for i in range(len(entries)) if i != position and blob in entries[i].bottom]
+        if any(is_learnable_head_type(reader) for reader in readers_of):
+            return True
+        source = producer(entries, blob, index)
+        if source is None or layers.type_name(entries[source]) not in ("Flatten", "Reshape", "Split") or \
+                not entries[source].bottom:
+            return False
+        blob, index = entries[source].bottom[0], source
+
+
 def _head(entries: list, index: int, consumers=(), path=(), reason: str = "") -> Head:
     layer = entries[index]
     return Head(name=layer.name, index=index, type=layers.type_name(layer), num_output=layers.num_output(layer),
@@ -212,7 +230,7 @@ def traced_heads(net: Message) -> list[Head]:
     consumers: dict[int, list[str]] = {}
     paths: dict[int, set[int]] = {}
     for position, layer in enumerate(entries):
-        if not is_class_scoring(entries, position, outputs):
+        if not is_class_scoring(entries, position, outputs) or _reconstructs_input(entries, position):
             continue
         found, path = score_sources(entries, layer.bottom[0], position, class_axis(layer))
         for index in found:
@@ -311,9 +329,9 @@ def rank(candidates: list[Head]) -> list[Head]:
 
 
 def _ambiguous(candidates: list[Head]) -> NetError:
-    listing = "; ".join(f"{number}. {head.name} ({head.type}, num_output {head.num_output}): {head.reason}"
-                        for number, head in enumerate(rank(candidates), 1))
-    return NetError(f"ambiguous classifier heads with different class counts: {listing}",
+    listing = "".join(f"\n  {number}. {head.name} ({head.type}, num_output {head.num_output}): {head.reason}"
+                      for number, head in enumerate(rank(candidates), 1))
+    return NetError(f"ambiguous classifier heads with different class counts:{listing}",
                     fix="choose the head(s) with --head NAME (repeatable)")
 
 

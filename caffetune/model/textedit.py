@@ -117,6 +117,14 @@ def scan(text: str) -> list[Node]:
     return nodes
 
 
+def try_scan(text: str) -> list[Node] | None:
+    """`scan`, or None for text the editor does not handle (unbalanced braces, lists of messages, ...)."""
+    try:
+        return scan(text)
+    except (_Unsupported, IndexError):
+        return None
+
+
 @dataclass
 class _Edits:
     text: str
@@ -157,7 +165,7 @@ def _alone_on_line(text: str, node: Node) -> bool:
 def comments_in(text: str, start: int = 0, end: int | None = None) -> list[str]:
     """The comments (`# ...`, without the line break) that start in text[start:end]."""
     end = len(text) if end is None else end
-    return [match.group() for match in _comment_matches(text) if start <= match.start() < end]
+    return [match.group() for match in comment_matches(text) if start <= match.start() < end]
 
 
 def _delete(edits: _Edits, node: Node) -> None:
@@ -467,47 +475,8 @@ def render(text: str, old: Message, new: Message) -> str | None:
     return result if check == new else None
 
 
-def _node_key(text: str, node: Node) -> tuple[str, str]:
-    """(field, layer name) of a top-level node: what a comment before or inside it is about."""
-    for child in node.children or []:
-        if child.name == "name":
-            return node.name, text[child.value_start:child.value_end].strip("\"'")
-    return node.name, ""
-
-
-def carry_comments(old_text: str, new_text: str) -> str:
-    """`new_text` (canonical, comment-free) with every comment of `old_text` put back: each before the top-level
-    field it preceded or sat in (matched by layer name), the rest at the top or the end."""
-    comments = [(match.start(), match.group()) for match in _comment_matches(old_text)]
-    if not comments:
-        return new_text
-    try:
-        old_nodes, new_nodes = scan(old_text), scan(new_text)
-    except (_Unsupported, IndexError):
-        old_nodes, new_nodes = [], []
-    targets: dict[tuple[str, str], int] = {}
-    for node in new_nodes:
-        targets.setdefault(_node_key(new_text, node), _line_start(new_text, node.start))
-    inserts: dict[int, list[str]] = {}
-    for offset, comment in comments:
-        following = next((node for node in old_nodes if node.end > offset), None)
-        if following is None:
-            position = len(new_text) if old_nodes else 0
-        else:
-            position = targets.get(_node_key(old_text, following), 0)
-        inserts.setdefault(position, []).append(comment)
-    pieces, last = [], 0
-    for position in sorted(inserts):
-        pieces.append(new_text[last:position])
-        if position and not new_text[:position].endswith("\n"):
-            pieces.append("\n")
-        pieces.append("".join(f"{comment}\n" for comment in inserts[position]))
-        last = position
-    pieces.append(new_text[last:])
-    return "".join(pieces)
-
-
-def _comment_matches(text: str):
+def comment_matches(text: str):
+    """The regex matches of every comment of `text`, in order."""
     position = 0
     while position < len(text):
         match = _TOKEN.match(text, position)
@@ -517,8 +486,3 @@ def _comment_matches(text: str):
         if match.lastgroup == "comment":
             yield match
         position = match.end()
-
-
-def canonical(old_text: str, message: Message) -> str:
-    """The canonical text of `message`, keeping the comments of `old_text` (the fallback when render fails)."""
-    return carry_comments(old_text, to_text(message))

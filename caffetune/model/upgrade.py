@@ -14,7 +14,7 @@ from __future__ import annotations
 from google.protobuf.message import Message
 
 from caffetune.errors import NetError, PrototxtError
-from caffetune.model import layers, prototxt, textedit
+from caffetune.model import comments, layers, prototxt, textedit
 
 # UpgradeV0LayerType: V0's type strings -> V1 enum names.
 V0_TYPES = {
@@ -252,9 +252,8 @@ def to_current(net: Message) -> tuple[Message, list[str]]:
 def repair_layer_keys(text: str) -> tuple[str, list[str]]:
     """`layers { type: "Softmax" ... }` blocks (a current layer under the V1 key: its type is a string, which no V1
     enum accepts) re-keyed as `layer {`; returns the text and the names of the blocks re-keyed."""
-    try:
-        nodes = textedit.scan(text)
-    except Exception:      # noqa: BLE001 - the scanner's own refusal: nothing to repair
+    nodes = textedit.try_scan(text)
+    if nodes is None:
         return text, []
     edits, names = [], []
     for node in nodes:
@@ -288,9 +287,9 @@ def read_net(text: str, path: str = "<text>") -> tuple[str, Message, list[str]]:
     if is_v0(net):
         layers.check_not_mixed(net, where=path)
         net, dropped = to_current(net)
-        text = textedit.canonical(text, net)
-        notes += [f"{path} is a V0 net (2014 format): written in the current format, as Caffe's "
-                  f"upgrade_net_proto_text does"] + dropped
+        text = comments.canonical(text, net)
+        notes += [f"{path} is a V0 net (2014 format): read as Caffe's upgrade_net_proto_text upgrades it to the "
+                  f"current format (V0 -> V1 -> current)"] + dropped
     return text, net, notes
 
 

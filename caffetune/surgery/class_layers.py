@@ -97,6 +97,7 @@ class Analysis:
     settings: list[Setting] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)       # class-agnostic layers left as they are, with why
     label_layers: list[ClassLayer] = field(default_factory=list)   # center-loss style, K outputs by label
+    agnostic: set[int] = field(default_factory=set)     # detection layers scoring object / not object only
 
 
 @dataclass
@@ -279,6 +280,8 @@ def _feeds_rpn(graph: _Graph, index: int, hops: int = 4) -> bool:
 
 def _is_objectness(graph: _Graph, anchor: _Anchor) -> bool:
     """A region proposal network's two-way (object / not object) score: class-agnostic."""
+    if anchor.detection or (anchor.count == 2 and _refines(graph, anchor)):
+        return anchor.count == 2 and _refines(graph, anchor)
     if anchor.label:
         source = graph.producer(anchor.label, anchor.layer)
         if source is not None and _is_rpn_layer(graph.entries[source]):
@@ -288,6 +291,21 @@ def _is_objectness(graph: _Graph, anchor: _Anchor) -> bool:
     if anchor.count == 2 and anchor.trace.reshapes:
         dims = list(graph.entries[anchor.trace.reshapes[0][0]].reshape_param.shape.dim)
         return len(dims) == 4 and dims[1] == 2 and dims[2] == -1
+    return False
+
+
+def _refines(graph: _Graph, anchor: _Anchor) -> bool:
+    """Are these two-way scores read again by another detection layer, past its loc/conf/prior/label inputs?
+    RefineDet's anchor refinement: object / not object per prior, refining the priors of the class scores."""
+    mine = {index for index, _ in anchor.trace.hits}
+    for index, layer in enumerate(graph.entries):
+        if index == anchor.layer or graph.kind(index) not in DETECTION_CONSUMERS:
+            continue
+        for blob in layer.bottom[3:]:
+            trace = _Trace()
+            _trace(graph, blob, index, None, trace)
+            if mine & {hit for hit, _ in trace.hits}:
+                return True
     return False
 
 
@@ -319,7 +337,9 @@ def find_anchors(net: Message) -> tuple[_Graph, list[_Anchor], list[_Anchor]]:
             if anchor is not None:
                 anchors.append(anchor)
     anchors += _output_anchors(graph, {anchor.layer for anchor in anchors})
-    objectness = [anchor for anchor in anchors if not anchor.detection and _is_objectness(graph, anchor)]
+    objectness = [anchor for anchor in anchors if _is_objectness(graph, anchor)]
+    agnostic = {index for anchor in objectness for index, _ in anchor.trace.hits}   # and their other readers
+    objectness += [a for a in anchors if a not in objectness and {i for i, _ in a.trace.hits} <= agnostic != set()]
     return graph, [anchor for anchor in anchors if anchor not in objectness], objectness
 
 
@@ -356,9 +376,15 @@ def dense_task(graph: _Graph, anchors: list[_Anchor]) -> str | None:
         return "detection"
     for anchor in anchors:
         if anchor.trace.upsampled or any(_upstream_types(graph, index) & UPSAMPLING for index, _ in
-                                         anchor.trace.hits):
+                                         anchor.trace.hits) or _resampled_label(graph, anchor):
             return "segmentation"
     return None
+
+
+def _resampled_label(graph: _Graph, anchor: _Anchor) -> bool:
+    """Per-pixel labels resampled to the score map (DeepLab's label_shrink Interp): a segmentation loss."""
+    source = graph.producer(anchor.label, anchor.layer) if anchor.label else None
+    return source is not None and bool(({graph.kind(source)} | _upstream_types(graph, source)) & UPSAMPLING)
 
 
 def analyze(net: Message, heads_chosen: tuple[str, ...] = ()) -> Analysis | None:
@@ -366,20 +392,23 @@ def analyze(net: Message, heads_chosen: tuple[str, ...] = ()) -> Analysis | None
     Raises NetError when the dependence cannot be established consistently (nothing is half-rewritten)."""
     layers.check_not_mixed(net)
     graph, anchors, objectness = find_anchors(net)
-    task = dense_task(graph, anchors + objectness)
-    if task is None:
-        return None
+    task = dense_task(graph, anchors + objectness) or ("detection" if objectness else None)  # CTPN: text / not
     from caffetune.surgery import class_settings  # the settings half of the analysis
+
+    if task is None:
+        class_settings.unknown_counts(graph)      # YOLO's Region / DetectionLoss: refused, not a classifier
+        return None
 
     anchors = _choose_group(graph, anchors, objectness, heads_chosen)
     count = anchors[0].count
     analysis = Analysis(task, count, class_settings.background(graph, anchors, task))
+    analysis.agnostic = {anchor.layer for anchor in objectness if anchor.detection}
     analysis.layers = class_settings.class_layers(graph, anchors, count)
     class_settings.add_regressors(graph, analysis)
     class_settings.add_settings(graph, analysis, anchors)
-    analysis.kept += [f"{graph.entries[i].name}: class-agnostic objectness score of a region proposal network "
-                      f"({layers.num_output(graph.entries[i])} outputs: 2 per anchor)"
-                      for anchor in objectness for i, _ in anchor.trace.hits]
+    analysis.kept += [f"{graph.entries[i].name}: class-agnostic objectness score ({layers.num_output(graph.entries[i])} "
+                      f"outputs: 2 per anchor, object / not object)"
+                      for i in sorted({i for anchor in objectness for i, _ in anchor.trace.hits})]
     analysis.kept = list(dict.fromkeys(analysis.kept))
     return analysis
 

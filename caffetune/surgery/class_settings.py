@@ -15,7 +15,6 @@ from caffetune.errors import NetError
 from caffetune.model import layers
 from caffetune.surgery.class_layers import (
     COUNT_KEY,
-    COUNT_ONLY,
     DETECTION_CONSUMERS,
     PASS,
     PS_POOLING,
@@ -148,7 +147,7 @@ def _add_regressor(graph: _Graph, analysis: Analysis, index: int, cls: ClassLaye
 
 
 def add_settings(graph: _Graph, analysis: Analysis, anchors: list) -> None:
-    _detection_counts(graph, analysis)
+    _count_settings(graph, analysis)
     _reshape_dims(graph, analysis, anchors)
     _forward_reshapes(graph, analysis)
     analysis.kept += [f"{name}: label_map_file {value} (the names of the classes; list yours in it)"
@@ -156,7 +155,19 @@ def add_settings(graph: _Graph, analysis: Analysis, anchors: list) -> None:
     _ps_output_dims(graph, analysis, anchors)
     _python_counts(graph, analysis)
     analysis.settings += class_weightings(graph.net, analysis.count)
+    _void_labels(graph, analysis, anchors)
     analysis.label_layers = label_layers(graph.net, analysis.count, {layer.index for layer in analysis.layers})
+
+
+def _void_labels(graph: _Graph, analysis: Analysis, anchors: list) -> None:
+    """A loss ignoring label K (SegNet's CamVid: 11 classes, void = 11) marks the old data's void label: kept,
+    since your masks say which value is void, but said so (with N classes it need not be N)."""
+    for index in dict.fromkeys(anchor.layer for anchor in anchors):
+        layer = graph.entries[index]
+        params = layer.loss_param if "loss_param" in layer.DESCRIPTOR.fields_by_name else None
+        if params is not None and params.HasField("ignore_label") and params.ignore_label == analysis.count:
+            analysis.kept.append(f"{layer.name}: loss_param.ignore_label {params.ignore_label} (the old data's void "
+                                 f"label, numbered after its {analysis.count} classes: set your masks' void value)")
 
 
 def _inconsistent(layer: Message, what: str, value, count: int) -> NetError:
@@ -165,16 +176,62 @@ def _inconsistent(layer: Message, what: str, value, count: int) -> NetError:
                     fix="make the net consistent first; caffetune will not half-rewrite it")
 
 
-def _detection_counts(graph: _Graph, analysis: Analysis) -> None:
-    for index, layer in enumerate(graph.entries):
-        field = {**DETECTION_CONSUMERS, **COUNT_ONLY}.get(graph.kind(index))
-        if field is None or not getattr(layer, field).HasField("num_classes"):
+COUNT_FIELDS = frozenset({"num_classes", "num_class", "classes", "class_num", "n_classes", "nclasses"})
+
+
+def count_fields(layer: Message) -> list[tuple[str, str, int]]:
+    """(params field, count field, value) of each class count a layer's parameters hold: SSD's num_classes, a
+    C++ proposal-target layer's num_classes (its schema default when unset), YOLO's classes ..."""
+    own = layers.param_field_name(layer)
+    found = []
+    for fd in layer.DESCRIPTOR.fields:
+        if fd.message_type is None or fd.label == fd.LABEL_REPEATED or not fd.name.endswith("_param"):
             continue
-        value = getattr(layer, field).num_classes
-        if value != analysis.count:
-            raise _inconsistent(layer, "num_classes", value, analysis.count)
-        analysis.settings.append(Setting(layer.name, (field, "num_classes"), value, 1,
-                                         f"{graph.kind(index)} num_classes"))
+        if fd.name != own and not layer.HasField(fd.name):
+            continue
+        params = getattr(layer, fd.name)
+        for inner in params.DESCRIPTOR.fields:
+            if inner.name not in COUNT_FIELDS or inner.label == inner.LABEL_REPEATED or \
+                    inner.cpp_type not in _INTEGER_TYPES:
+                continue
+            value = getattr(params, inner.name)
+            if params.HasField(inner.name) or value:
+                found.append((fd.name, inner.name, value))
+    return found
+
+
+_INTEGER_TYPES = frozenset({1, 2, 3, 4})   # FieldDescriptor.CPPTYPE_INT32, INT64, UINT32, UINT64
+
+
+def _count_settings(graph: _Graph, analysis: Analysis) -> None:
+    """Every class count a layer's parameters hold follows N; a two-way count of a class-agnostic part (an
+    objectness score, proposal targets for class-agnostic boxes) stays."""
+    agnostic_boxes = any("class-agnostic box regression" in line for line in analysis.kept)
+    for index, layer in enumerate(graph.entries):
+        kind = graph.kind(index)
+        for field, key, value in count_fields(layer):
+            where = f"{kind} {key}"
+            if index in analysis.agnostic:
+                analysis.kept.append(f"{layer.name}: {where} {value} (object / not object: class-agnostic)")
+            elif value == analysis.count:
+                analysis.settings.append(Setting(layer.name, (field, key), value, 1, where))
+            elif value == 2 and agnostic_boxes and kind not in DETECTION_CONSUMERS:
+                analysis.kept.append(f"{layer.name}: {where} 2 (targets of the class-agnostic box regression)")
+            else:
+                unset = "" if getattr(layer, field).HasField(key) else " (unset: the schema's default)"
+                raise _inconsistent(layer, f"{field}.{key}{unset}", value, analysis.count)
+
+
+def unknown_counts(graph: _Graph) -> None:
+    """A net with no class layer caffetune can trace, but a layer holding a class count (YOLO's Region or
+    DetectionLoss: outputs laid out as cells x (classes + box values)) is refused, never half-rewritten."""
+    for index, layer in enumerate(graph.entries):
+        for field, key, value in count_fields(layer):
+            raise NetError(f"its {graph.kind(index)} layer holds a class count ({field}.{key}: {value}), but "
+                           f"caffetune cannot tie it to the layers feeding it: their outputs are laid out by "
+                           f"{graph.kind(index)} itself (such as YOLO's cells x (classes + box values))",
+                           where=layer.name, fix=f"edit {layer.name} and the layers feeding it by hand for your "
+                                                 f"class count; caffetune will not half-rewrite the net")
 
 
 def _reshape_dims(graph: _Graph, analysis: Analysis, anchors: list) -> None:

@@ -115,9 +115,9 @@ def _loss_layers(net: Message, heads: list[Head], classes: int) -> list[Message]
     return added
 
 
-def train_val_from_deploy(net: Message, heads: list[Head], classes: int, data: DataOptions = DataOptions()) \
-        -> Message:
+def train_val_from_deploy(net: Message, heads: list[Head], classes: int, data: DataOptions | None = None) -> Message:
     """The train_val net for a deploy net whose heads are already renamed and resized."""
+    data = data or DataOptions()
     blob, dims = input_shape(net)
     crop = dims[2] if len(dims) == 4 and dims[2] == dims[3] else None
     result = copy(net)
@@ -172,6 +172,15 @@ def _runs_in_test(layer: Message) -> bool:
     return "TEST" in layers.phases(layer)
 
 
+def _deploy_score_blob(net: Message, head: Head) -> str:
+    """What the deploy Softmax reads: the consumers' input, or the head's own per-sample scores when a Reshape on
+    the way regroups the batch (a segment consensus, as TSN's deploy nets score each frame)."""
+    kinds = {layer.name: layers.type_name(layer) for layer in layers.all_layers(net)}
+    if any(kinds.get(name) == "Reshape" for name in head.path):
+        return head.top
+    return _score_blob(net, head)
+
+
 def deploy_from_train_val(net: Message, heads: list[Head]) -> Message:
     """The deploy net of a train_val net: Input layer, the layers feeding the main head, Softmax `prob`."""
     entries = layers.all_layers(net)
@@ -182,7 +191,7 @@ def deploy_from_train_val(net: Message, heads: list[Head]) -> Message:
     channels, height, width = _input_size(source)
     blob = source.top[0]
     main = heads[-1]
-    score = _score_blob(net, main)
+    score = _deploy_score_blob(net, main)
     body = [copy(layer) for layer in entries if layers.type_name(layer) not in layers.DATA_TYPES and not _is_loss(layer)
             and layers.type_name(layer) != "Accuracy" and _runs_in_test(layer)]
     for layer in body:

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 
 from google.protobuf.message import Message
 
-from caffetune.model import layers
 from caffetune.errors import NetError
+from caffetune.model import layers
 
 FROZEN, NEW, FINE_TUNED = "frozen", "new", "fine-tuned"
 

@@ -112,6 +112,7 @@ class DataOptions:
     mean_file: str | None = None
     mean_value: tuple[float, ...] = ()
     crop_size: int | None = None
+    mirror: bool | None = None            # the TRAIN layer's random left-right flip (None: leave as it is)
 
 
 def source_kind(source: str) -> str:
@@ -188,6 +189,8 @@ def set_data_layers(net: Message, options: DataOptions) -> Message:
         if batch:
             _set_batch(layer, batch)
         _set_transform(layer, options)
+        if train and options.mirror is not None:
+            layer.transform_param.mirror = options.mirror
     return result
 
 

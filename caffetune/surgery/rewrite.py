@@ -35,7 +35,7 @@ from caffetune.model import layers
 from caffetune.surgery import lr_policy
 from caffetune.surgery import derive
 from caffetune.model import prototxt
-from caffetune.model import textedit
+from caffetune.model import comments, textedit
 from caffetune.model import upgrade
 from caffetune.surgery import net_edits
 from caffetune.surgery import solver as solvers
@@ -192,7 +192,7 @@ def _render(role: str, original_text: str, original: Message, target: Message, s
     text = textedit.render(original_text, original, target)
     if text is None:
         notes.append(f"{role}: the layout of {source} could not be kept; wrote canonical prototxt")
-        return Output(role, textedit.canonical(original_text, target), original_text, source, canonical=True)
+        return Output(role, comments.canonical(original_text, target), original_text, source, canonical=True)
     return Output(role, text, original_text, source)
 
 

@@ -65,7 +65,8 @@ def prepare(run_dir: Path, net_file: str, net: Message, solver: Message, weights
     if exact.mirror:
         rows = mirror_replay.sequence_rows(solver, batches["TRAIN"])
         seed = solver.random_seed if solver.HasField("random_seed") else None
-        sources["TRAIN"] = mirror_replay.write_mirror_sequence(cache, run_dir / SEQUENCE_DIR, rows, seed)
+        sources["TRAIN"] = mirror_replay.write_mirror_sequence(cache, run_dir / SEQUENCE_DIR, rows, seed,
+                                                                exact.draws_per_image)
     names = {phase: cache.phase(phase)["datasets"] for phase in cut.phases}
     top = top_net.build(net, cut, sources, names, batches)
     start = _start_weights(run_dir, net_file, solver, weights, cut, install)

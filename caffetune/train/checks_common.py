@@ -35,6 +35,7 @@ class Run:
     pretrained: dict = field(default_factory=dict)            # layer name -> BlobRefs (later weights files win)
     scans: dict = field(default_factory=dict)
     param_shapes: dict = field(default_factory=dict)          # "file:PHASE" -> layer -> blob shapes (pycaffe)
+    loss_blobs: dict = field(default_factory=dict)            # "file:PHASE" -> blobs with a loss weight (pycaffe)
 
     def role(self, name: str) -> str:
         return self.roles.get(name, "net")

@@ -88,6 +88,16 @@ def check_list_scan(scan: data_scan.DataScan, params: Message, where: str) -> li
             if scan.missing_count == scan.count else "remove the missing images from the list, or restore them",
             "caffe's ImageData layer aborts with `Could not load` when it reaches the first missing image, "
             "possibly hours into the run"))
+    if scan.relative_count:
+        number, path = scan.relative[0]
+        problems.append(error(
+            f"{scan.relative_count} of the {scan.count} images listed in {scan.source} have relative paths and "
+            f"image_data_param has no root_folder (e.g. {scan.source}:{number}: {path})", where,
+            'set image_data_param.root_folder to the folder the paths are relative to, e.g. root_folder: "./" '
+            "when they are relative to where you start `caffetune run` (it makes the folder absolute), or write "
+            "absolute paths in the list",
+            "caffe opens root_folder + path from its working directory, and `caffetune run` starts caffe in the "
+            "run directory: it aborts with `Could not load` at the first image"))
     if scan.count == 0 and not problems:
         problems.append(error(f"image list {scan.source} is empty", where, "list `path label` lines, one per image"))
     return problems
@@ -338,12 +348,51 @@ def _image_data_layer(run: Run, name: str, layer: Message, scans: _Scans) -> tup
     return scan, problems
 
 
+def check_hdf5_source(layer: Message, where: str, limit: int = 10000) -> list[Problem]:
+    """HDF5Data's source is a text file listing .h5 files (one per line), read from caffe's working directory (the
+    run directory). Reads at most `limit` lines; only stat()s the files."""
+    source = Path(layer.hdf5_data_param.source)
+    if not source.is_file():
+        return [error(f"HDF5Data source {source} does not exist", where, "write a text file listing the .h5 files, "
+                      "one absolute path per line, and point source at it",
+                      "caffe aborts with `Failed to open source file`")]
+    with open(source, "rb") as handle:
+        if handle.read(8) == b"\x89HDF\r\n\x1a\n":
+            return [error(f"HDF5Data source {source} is an HDF5 file, not the list of HDF5 files caffe expects",
+                          where, f"write its absolute path into a text file (echo {source.resolve()} > "
+                          f"{source.with_suffix('.txt').name}) and set source to that file",
+                          "caffe reads source as text lines naming .h5 files: it aborts with `Failed opening HDF5 "
+                          "file` on a line of binary")]
+    lines = []
+    with open(source, encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, 1):
+            if number > limit:
+                break
+            if line.strip():
+                lines.append((number, line.strip()))
+    relative = [(number, name) for number, name in lines if not Path(name).is_absolute()]
+    missing = [(number, name) for number, name in lines if Path(name).is_absolute() and not Path(name).is_file()]
+    if not lines:
+        return [error(f"HDF5Data source {source} lists no file", where, "list the .h5 files, one per line",
+                      "caffe aborts with `Must have at least 1 HDF5 filename listed`")]
+    for found, what in ((relative, "relative paths (caffe reads them from the run directory it is started in)"),
+                        (missing, "files that do not exist")):
+        if found:
+            number, name = found[0]
+            return [error(f"{len(found)} of the {len(lines)} files listed in {source} are {what}: e.g. "
+                          f"{source}:{number}: {name}", where, "write the absolute path of each .h5 file",
+                          "caffe aborts with `Failed opening HDF5 file` when it reaches one")]
+    return []
+
+
 def check_data(run: Run) -> list[Problem]:
     """Every Data and ImageData layer of every net; records each scan in run.scans for the later checks."""
     problems, scans = [], _Scans()
     for name, net in run.nets.items():
         for layer in layers.all_layers(net):
             kind = layers.type_name(layer)
+            if kind == "HDF5Data":
+                problems += check_hdf5_source(layer, layer_where(name, layer))
             if kind not in ("Data", "ImageData"):
                 continue
             read = _data_layer if kind == "Data" else _image_data_layer

@@ -4,7 +4,8 @@
 - a TEST phase that caffe never runs (no test_iter) or cannot run (test_iter without test_interval, one test_iter per
   test_net file);
 - test_iter x batch_size against the validation set: part of it unseen, or read past its end (wrapping);
-- --snapshot given a .caffemodel, a missing one, or with --weights.
+- --snapshot given a .caffemodel, a missing one, or with --weights;
+- the learning-rate policy (unknown, missing stepsize, gamma that zeroes or grows the rate) and the solver type.
 """
 from __future__ import annotations
 
@@ -157,5 +158,79 @@ def _coverage(size: int, batch: int, test_iter: int, where: str) -> list[Problem
     return []
 
 
+# --- the learning-rate schedule and the solver type -----------------------------------------------------------------
+# SGDSolver::GetLearningRate: the policies, and the fields each one reads (it aborts on any other policy name).
+LR_POLICIES = {"fixed": (), "step": ("gamma", "stepsize"), "exp": ("gamma",), "inv": ("gamma", "power"),
+               "multistep": ("gamma", "stepvalue"), "poly": ("power",), "sigmoid": ("gamma", "stepsize")}
+_DECAYING = ("step", "exp", "multistep")   # lr = base_lr * gamma ^ k: gamma 0 zeroes it, gamma > 1 grows it
+SOLVER_TYPES = ("SGD", "Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam")   # BVLC's registered solvers
+
+
+def _has(message: Message, name: str) -> bool:
+    return name in message.DESCRIPTOR.fields_by_name
+
+
+def check_lr_policy(run: Run) -> list[Problem]:
+    """Caffe checks the policy only when it computes the first update (after the first forward/backward, and the
+    first test pass): an unknown name or a missing stepsize aborts then; an unset gamma silently zeroes the rate."""
+    solver = run.solver
+    if solver is None or not _has(solver, "lr_policy"):
+        return []
+    policy = solver.lr_policy
+    if not solver.HasField("lr_policy"):
+        return [error("the solver has no lr_policy (it has no default)", "solver",
+                      'add lr_policy: "fixed", or "step" with gamma and stepsize',
+                      "caffe stops at the first update with `Unknown learning rate policy: `")]
+    if policy not in LR_POLICIES:
+        close = [name for name in LR_POLICIES if name == policy.strip().lower() or name == policy.rstrip("s")]
+        return [error(f'lr_policy "{policy}" is not a learning-rate policy caffe knows', "solver",
+                      f'use lr_policy: "{close[0]}"' if close else
+                      f"use one of: {', '.join(LR_POLICIES)} (`\"step\"` with gamma and stepsize is the usual)",
+                      f"caffe stops at the first update with `Unknown learning rate policy: {policy}`")]
+    wanted = LR_POLICIES[policy]
+    if "stepsize" in wanted and solver.stepsize <= 0:
+        return [error(f'lr_policy "{policy}" without a stepsize', "solver",
+                      "set stepsize: the iterations between two drops of the rate (e.g. a few epochs)",
+                      "caffe stops at the first update with `Check failed: this->param_.stepsize() > 0`")]
+    problems = []
+    if policy in _DECAYING and solver.gamma <= 0:
+        level = warning if solver.HasField("gamma") else error
+        problems.append(level(f'lr_policy "{policy}" with gamma {solver.gamma:g}' +
+                              ("" if solver.HasField("gamma") else " (unset: gamma has no default)"), "solver",
+                              "set gamma: the factor applied at each step, e.g. gamma: 0.1",
+                              "the rate is base_lr x gamma ^ steps: it becomes 0 at the first step and nothing "
+                              "learns after it"))
+    elif policy in _DECAYING and solver.gamma > 1:
+        problems.append(warning(f'lr_policy "{policy}" with gamma {solver.gamma:g} makes the rate grow at each step',
+                                "solver", f"set gamma to a factor below 1 (e.g. gamma: {1 / solver.gamma:g})",
+                                "the rate is base_lr x gamma ^ steps: it grows until the loss diverges"))
+    if policy == "multistep" and not len(solver.stepvalue):
+        problems.append(warning('lr_policy "multistep" without any stepvalue: the rate never drops', "solver",
+                                "add stepvalue lines (the iterations at which the rate is multiplied by gamma), or "
+                                'use lr_policy: "fixed"'))
+    return problems
+
+
+def check_solver_type(run: Run) -> list[Problem]:
+    """The solver's `type` is looked up by exact name in caffe's solver registry; the old `solver_type` enum and
+    `type` together are refused."""
+    solver = run.solver
+    if solver is None or not _has(solver, "type"):
+        return []
+    if _has(solver, "solver_type") and solver.HasField("solver_type") and solver.HasField("type"):
+        return [error("the solver sets both solver_type (the old enum) and type", "solver",
+                      "keep only `type` (e.g. type: \"Adam\")",
+                      "caffe stops with `Failed to upgrade solver: old solver_type field (enum) and new type field "
+                      "(string) cannot be both specified`")]
+    name = solver.type
+    spelled = [known for known in SOLVER_TYPES if known.lower() == name.lower()]
+    if name not in SOLVER_TYPES and spelled:
+        return [error(f'solver type "{name}" is not a solver caffe knows (names are case-sensitive)', "solver",
+                      f'write type: "{spelled[0]}"',
+                      f"caffe stops at start with `Unknown solver type: {name}`")]
+    return []
+
+
 def check_solver(run: Run) -> list[Problem]:
-    return check_learning_rate(run) + check_testing(run) + check_test_coverage(run)
+    return (check_learning_rate(run) + check_lr_policy(run) + check_solver_type(run) + check_testing(run) +
+            check_test_coverage(run))

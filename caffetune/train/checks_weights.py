@@ -154,3 +154,61 @@ def check_head_kept(run: Run, copied: list[str]) -> list[Problem]:
                     f"the softmax keeps {head.num_output - classes} classes no image has, which the net still "
                     "predicts at first, and the new classes start from old classes' weights"))
     return problems
+
+
+# --- is anything fine-tuned? ------------------------------------------------------------------------------------
+def check_nothing_copied(run: Run, copied: list[str], scratch: list[str]) -> list[Problem]:
+    """--weights given, yet no learnable layer of the nets has a same-named layer in them: caffe copies by layer name
+    and ignores the rest silently, so the run trains from scratch."""
+    if copied or not scratch or not run.pretrained:
+        return []
+    names = [name for name, blobs in run.pretrained.items() if blobs]
+    shown = ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
+    files = ", ".join(Path(w).name for w in run.weights)
+    return [warning(f"no layer of the net is copied from {files}: none of its {len(scratch)} learnable layers "
+                    f"({', '.join(scratch[:4])}{' ...' if len(scratch) > 4 else ''}) has a same-named layer there "
+                    f"(it has: {shown or 'no layer with weights'})", files,
+                    "keep the pretrained layer names in the net (rename only the new head), or pass the "
+                    ".caffemodel of this architecture (`caffetune inspect` lists a model's layers)",
+                    "caffe copies weights by layer name and ignores the others without a word: the run trains "
+                    "from scratch")]
+
+
+def _deterministic_filler(layer: Message) -> bool:
+    """A weight filler that is meant to stay: bilinear upsampling (FCN's frozen Deconvolution), or a constant."""
+    params = layers.param_message(layer)
+    if params is None or "weight_filler" not in params.DESCRIPTOR.fields_by_name:
+        return False
+    filler = params.weight_filler
+    return filler.type == "bilinear" or (filler.type == "constant" and filler.value != 0)
+
+
+def check_frozen_fillers(run: Run, scratch: list[str]) -> list[Problem]:
+    """Convolution/InnerProduct layers that start from their random (or zero) fillers with lr_mult 0 on their
+    weights: they stay random for the whole run. An error for a head (the classifier never learns), a warning for
+    any other layer. Skipped when every layer is frozen (check_frozen reports that)."""
+    problems = []
+    starting = set(scratch) if run.pretrained else None
+    for name, net in run.nets.items():
+        if "TRAIN" not in run.phases(name):
+            continue
+        learnable = [layer for layer in run.layers_in(name, "TRAIN") if layers.learnable_blob_count(layer)]
+        if not any(mult > 0 for layer in learnable for mult in layers.lr_mults(layer)):
+            continue
+        head_names = {head.name for head in heads_module.traced_heads(net)}
+        for layer in learnable:
+            if (layers.type_name(layer) not in _FILTER_TYPES or layers.lr_mults(layer)[0] > 0
+                    or (starting is not None and layer.name not in starting) or _deterministic_filler(layer)):
+                continue
+            head = layer.name in head_names
+            field_name = "blobs_lr" if layers.is_v1(net) else "param { lr_mult }"
+            origin = "is not in the weights, so it starts from its filler" if run.pretrained else \
+                "starts from its filler (no weights are given)"
+            problems.append((error if head else warning)(
+                f"{'head' if head else 'layer'} {layer.name} is frozen ({field_name} 0) and {origin}",
+                f"{name}: layer {layer.name}",
+                f"give it a learning rate ({field_name} 10 and 20 on a new head), or copy it from the weights",
+                "a frozen layer keeps its random initial weights for the whole run" +
+                (": the classifier never learns and the accuracy stays at chance" if head else
+                 ": every layer after it sees a fixed random projection")))
+    return problems

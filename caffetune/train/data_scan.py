@@ -44,6 +44,8 @@ class DataScan:
     missing_count: int = 0
     bad_lines: list = field(default_factory=list)  # list: (line number, why) of lines caffe misreads (first 5)
     bad_count: int = 0
+    relative: list = field(default_factory=list)   # list: (line number, path) of relative image paths (first 5)
+    relative_count: int = 0
 
     @property
     def label_histogram(self) -> dict[int, int]:
@@ -182,7 +184,11 @@ def scan_list(source: Path | str, root_folder: str = "", resized: bool = False, 
             scan._label(label, previous)
             previous = label
             full = root_folder + path
-            if not os.path.isfile(full):
+            if not os.path.isabs(full):   # caffe resolves it from its working directory, not from here
+                scan.relative_count += 1
+                if len(scan.relative) < 5:
+                    scan.relative.append((number, full))
+            elif not os.path.isfile(full):
                 scan.missing_count += 1
                 if len(scan.missing) < 5:
                     scan.missing.append((number, full))

@@ -9,7 +9,9 @@ why it matters, the fix and its cost. The checks live by topic:
 - checks_data: data layers against their datasets (one streaming pass each, data_scan);
 - checks_net: the nets (phases, Python layers, frozen layers, BatchNorm on batches of one);
 - checks_solver: the solver (testing, coverage, base_lr) and the files to start from;
-- checks_weights: the pretrained weights against the nets.
+- checks_weights: the pretrained weights against the nets (and whether anything is copied or can learn);
+- checks_feed: what the nets are fed and minimise (unfed Input layers, no loss, labels, TRAIN/TEST preprocessing);
+- build_errors: caffe's build failures explained (the layer, the cause, the fix).
 Whether a net builds, and the exact blob shapes, come from the real Caffe: pycaffe builds each net in a subprocess.
 """
 from __future__ import annotations
@@ -27,7 +29,7 @@ from caffetune import files
 from caffetune.errors import PreflightError, Problem
 from caffetune.model import caffe_tools, prototxt
 from caffetune.model.caffe_tools import CaffeInstall
-from caffetune.train import checks_data, checks_net, checks_solver, checks_weights
+from caffetune.train import build_errors, checks_data, checks_feed, checks_net, checks_solver, checks_weights
 from caffetune.train.checks_common import ERROR, Run
 
 
@@ -57,13 +59,15 @@ _BUILD_SCRIPT = textwrap.dedent("""
     import caffe
     caffe.set_mode_cpu()
     net = caffe.Net(sys.argv[1], getattr(caffe, sys.argv[2]))
-    print(json.dumps({name: [list(b.data.shape) for b in blobs] for name, blobs in net.params.items()}))
+    print(json.dumps({"params": {name: [list(b.data.shape) for b in blobs] for name, blobs in net.params.items()},
+                      "loss": [name for name, weight in zip(net._blob_names, net._blob_loss_weights) if weight]}))
 """)
 
 
 def build_with_caffe(install: CaffeInstall, net_file: Path, phase: str, timeout: int = 300) -> tuple[dict | None,
                                                                                                      str | None]:
-    """Build a net with pycaffe in a subprocess: (layer -> param shapes, None) or (None, caffe's error)."""
+    """Build a net with pycaffe in a subprocess: ({"params": layer -> param shapes, "loss": blobs with a loss
+    weight}, None) or (None, caffe's error)."""
     try:
         result = caffe_tools.run_pycaffe(install, _BUILD_SCRIPT, [str(net_file), phase], timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -84,13 +88,13 @@ def check_builds(install: CaffeInstall, run: Run, report: Report) -> list[Proble
             files.write_atomic(path, prototxt.format(net))
             failed: dict[str, list[str]] = {}
             for phase in run.phases(name):
-                shapes, error = build_with_caffe(install, path, phase)
+                built, error = build_with_caffe(install, path, phase)
                 if error:
                     failed.setdefault(caffe_tools.strip_glog_prefix(error), []).append(phase)
                 else:
-                    report.param_shapes[f"{name}:{phase}"] = shapes
-            problems += [Problem(f"caffe cannot build the {' and '.join(phases)} net: {error}", name,
-                                 "fix the layer named in caffe's message") for error, phases in failed.items()]
+                    report.param_shapes[f"{name}:{phase}"] = built["params"]
+                    run.loss_blobs[f"{name}:{phase}"] = built["loss"]
+            problems += [build_errors.explain(error, net, name, phases) for error, phases in failed.items()]
     run.param_shapes = report.param_shapes
     return problems
 
@@ -109,6 +113,7 @@ def check(nets: dict[str, Message], *, weights: list[Path] = (), snapshot: Path 
     run.pretrained, found = checks_weights.read_pretrained(readable)   # a .solverstate is reported above
     report.add(found)
     report.add(checks_data.check_data(run))
+    report.add(checks_feed.check_feed(run))
     for name, net in run.nets.items():
         report.add(checks_net.check_accuracy_top_k(net, name))
     report.add(checks_net.check_frozen(run))
@@ -118,13 +123,17 @@ def check(nets: dict[str, Message], *, weights: list[Path] = (), snapshot: Path 
         report.add(checks_net.check_python_layers(run, install))
     if install is not None and not report.problems:
         report.add(check_builds(install, run, report))
+    if not report.problems:   # an unbuilt net's loss is unknown; a deploy net is reported above
+        report.add(checks_feed.check_loss(run))
     report.add(checks_net.check_phase_definitions(run))
     if run.pretrained:
         found, report.copied, report.scratch = checks_weights.check_copy(run)
         report.add(found)
         report.add(checks_weights.check_constant_weights(run, report.copied))
         report.add(checks_weights.check_head_kept(run, report.copied))
+        report.add(checks_weights.check_nothing_copied(run, report.copied, report.scratch))
         source = ", ".join(Path(w).name for w in run.weights)
         report.info += [f"copied from {source}: {', '.join(report.copied) or 'no layer'}",
                         f"from scratch (fillers): {', '.join(report.scratch) or 'no layer'}"]
+    report.add(checks_weights.check_frozen_fillers(run, report.scratch))
     return report

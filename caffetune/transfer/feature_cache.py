@@ -66,6 +66,7 @@ class PassProgress:
 @dataclass
 class Exactness:
     mirror: bool = False                     # cache both orientations, replay Caffe's flips
+    draws_per_image: int = 0                 # the TRAIN transformer's Rand() calls per image (mirror, crop offsets)
     notes: list[str] = field(default_factory=list)
 
 
@@ -85,7 +86,7 @@ def check_transform(cut: Cut) -> Exactness:
             why = "ImageData shuffle: true reorders the images every epoch from Caffe's generator"
         elif getattr(params, "rand_skip", 0):
             why = "rand_skip skips a random number of records at the start"
-        elif phase == "TRAIN" and transform.crop_size:
+        elif phase == "TRAIN" and transform.crop_size and _crop_moves(layer):
             why = (f"crop_size {transform.crop_size} in TRAIN takes a random crop of every image every epoch; a "
                    "cache of a few crops per image would only approximate it")
         elif phase == "TEST" and transform.mirror:
@@ -96,10 +97,30 @@ def check_transform(cut: Cut) -> Exactness:
         if L.type_name(layer) == "Data" and layer.data_param.backend != layer.data_param.LMDB:
             raise DatasetError("--cache-features reads LMDB sources only; this one is LevelDB", where=layer.name,
                                fix="rebuild the data with `caffetune build-lmdb`")
-    if cut.phases["TRAIN"].data_layer.transform_param.mirror:
+    transform = cut.phases["TRAIN"].data_layer.transform_param
+    if transform.crop_size:                  # as large as the images: Rand(1) offsets, always 0, still drawn
+        result.draws_per_image += 2
+        result.notes.append(f"crop_size {transform.crop_size} is the images' size: the TRAIN crop never moves")
+    if transform.mirror:
         result.mirror = True
+        result.draws_per_image += 1
         result.notes.append("mirror: both orientations cached; each image flipped when Caffe's transformer would")
     return result
+
+
+def _crop_moves(layer: Message) -> bool:
+    """Whether a TRAIN crop has room to move: crop_size below the stored images' height or width (unknown: yes)."""
+    from caffetune.model import shapes
+
+    uncropped = copy(layer)
+    uncropped.transform_param.ClearField("crop_size")
+    uncropped.ClearField("include")
+    net = schema.current().NetParameter()
+    net.layer.append(uncropped)
+    shape = shapes.infer(net, phase="TRAIN").blobs.get(layer.top[0])
+    if not shape or not shapes.is_complete(shape):
+        return True
+    return layer.transform_param.crop_size < min(shape[2], shape[3])
 
 
 # --- the nets the pass runs ------------------------------------------------------------------------------------------

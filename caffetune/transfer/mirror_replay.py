@@ -4,8 +4,9 @@ Caffe's data layer produces them.
 Caffe seeds the TRAIN data layer's DataTransformer with a draw of its global generator (boost::mt19937 seeded with
 the solver's random_seed). BaseDataLayer::LayerSetUp and BasePrefetchingDataLayer::LayerSetUp both call InitRand,
 so the second draw is the seed that stays (the data layer is the first layer set up; nothing draws before it).
-The transformer flips image k when its k-th draw is odd (`Rand(2)` is `draw % 2`, data_transformer.cpp), and the
-Data layer reads record k mod N. numpy's MT19937 with the classic init_genrand seeding is the same generator.
+The transformer flips image k when its mirror draw is odd (`Rand(2)` is `draw % 2`, data_transformer.cpp; with
+crop_size in TRAIN two offset draws follow it, Rand(1) when the crop is the image's size), and the Data layer
+reads record k mod N. numpy's MT19937 with the classic init_genrand seeding is the same generator.
 With random_seed set, the flips are Caffe's own; without it Caffe's differ from run to run, and so do these.
 A resumed Caffe run builds its data layer again (first record, same seed); the sequence restarts the same way.
 """
@@ -33,14 +34,16 @@ def transformer_draws(random_seed: int | None, count: int) -> np.ndarray:
     return rng.random_raw(count)
 
 
-def write_mirror_sequence(cache: FeatureCache, out: Path, rows: int, random_seed: int | None) -> Path:
-    """HDF5 files of the first `rows` TRAIN rows Caffe reads: image k mod N, flipped when draw k is odd; returns
-    the list file for HDF5Data's source."""
+def write_mirror_sequence(cache: FeatureCache, out: Path, rows: int, random_seed: int | None,
+                          draws_per_image: int = 1) -> Path:
+    """HDF5 files of the first `rows` TRAIN rows Caffe reads: image k mod N, flipped when the first of its draws is
+    odd (mirror draws before the crop offsets: data_transformer.cpp); returns the list file for HDF5Data."""
     import h5py
 
     entry = cache.phase("TRAIN")
     images = entry["images"]
-    flips = (transformer_draws(random_seed, rows) % 2).astype(bool)
+    draws = transformer_draws(random_seed, rows * draws_per_image)[::draws_per_image]
+    flips = (draws % 2).astype(bool)
     plain = _open_rows(h5py, cache.folder, entry["files"])
     mirrored = _open_rows(h5py, cache.folder, entry["mirror_files"])
     out.mkdir(parents=True, exist_ok=True)

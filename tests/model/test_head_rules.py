@@ -7,7 +7,8 @@ import pytest
 from caffetune.errors import NetError
 from caffetune.model import heads, prototxt
 
-INPUT = 'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 8 dim: 8 } } }\n'
+INPUT = ('layer { name: "data" type: "Input" top: "data" top: "label" '
+         'input_param { shape { dim: 1 dim: 3 dim: 8 dim: 8 } shape { dim: 1 } } }\n')
 
 
 def conv(name: str, bottom: str, outputs: int, top: str | None = None) -> str:
@@ -69,7 +70,7 @@ def test_conv_head_after_global_pooling_without_softmax():
 def test_nin_head_reaches_the_loss_through_relu_and_pooling():
     net = (INPUT + conv("cccp7", "data", 8) + conv("cccp8-1024", "cccp7", 1000, top="cccp8")
            + layer("relu", "ReLU", "cccp8", "cccp8") + layer("pool4", "Pooling", "cccp8", "pool4", GLOBAL_POOL)
-           + layer("loss", "SoftmaxWithLoss", ["pool4", "data"], "loss"))
+           + layer("loss", "SoftmaxWithLoss", ["pool4", "label"], "loss"))
     (head,) = heads.find_heads(prototxt.parse(net))
     assert (head.name, head.top, head.path) == ("cccp8-1024", "cccp8", ("relu", "pool4"))
 
@@ -100,7 +101,7 @@ def test_segment_consensus_reshape_and_pooling_keep_the_class_axis():
                                                                   "dim: 101 } }")
            + layer("consensus", "Pooling", "reshape_fc", "pool_fusion", "pooling_param { pool: AVE kernel_h: 3 "
                                                                        "kernel_w: 1 }")
-           + layer("loss", "SoftmaxWithLoss", ["pool_fusion", "data"], "loss", "softmax_param { axis: 3 }"))
+           + layer("loss", "SoftmaxWithLoss", ["pool_fusion", "label"], "loss", "softmax_param { axis: 3 }"))
     (head,) = heads.find_heads(prototxt.parse(net))
     assert head.name == "fc-action" and head.path == ("reshape_fc", "consensus")
 
@@ -117,7 +118,7 @@ def test_softmax_followed_by_a_consensus_still_scores():
 def test_two_streams_fused_by_eltwise_are_both_heads():
     net = (INPUT + fc("fc8_rgb", "data", 11) + fc("fc8_flow", "data", 11)
            + layer("fusion", "Eltwise", ["fc8_rgb", "fc8_flow"], "fusion")
-           + layer("loss", "SoftmaxWithLoss", ["fusion", "data"], "loss"))
+           + layer("loss", "SoftmaxWithLoss", ["fusion", "label"], "loss"))
     assert names(net) == ["fc8_rgb", "fc8_flow"]
 
 
@@ -134,21 +135,21 @@ def test_concat_along_the_class_axis_is_not_followed():
 
 def test_regression_and_metric_losses_do_not_score_classes():
     net = (INPUT + fc("fc5", "data", 64) + fc("fc6", "fc5", 10)
-           + layer("center", "CenterLoss", ["fc5", "data"], "center") + layer("euclid", "EuclideanLoss",
-                                                                               ["fc5", "data"], "euclid")
-           + layer("loss", "SoftmaxWithLoss", ["fc6", "data"], "loss"))
+           + layer("center", "CenterLoss", ["fc5", "label"], "center") + layer("euclid", "EuclideanLoss",
+                                                                               ["fc5", "label"], "euclid")
+           + layer("loss", "SoftmaxWithLoss", ["fc6", "label"], "loss"))
     assert names(net) == ["fc6"]
 
 
 def test_fork_class_losses_are_recognised_by_name():
-    net = INPUT + fc("cls", "data", 21) + layer("loss", "SoftmaxWithLossOHEM", ["cls", "data"], "loss")
+    net = INPUT + fc("cls", "data", 21) + layer("loss", "SoftmaxWithLossOHEM", ["cls", "label"], "loss")
     assert heads.is_class_scoring(prototxt.parse(net).layer, 2)
 
 
 def test_ambiguity_ranks_every_candidate_with_its_reason():
     net = (INPUT + fc("age", "data", 8) + fc("gender", "data", 2) + layer("age_prob", "Softmax", "age", "ap")
-           + layer("gender_loss", "SoftmaxWithLoss", ["gender", "data"], "gl")
-           + layer("gender_acc", "Accuracy", ["gender", "data"], "ga"))
+           + layer("gender_loss", "SoftmaxWithLoss", ["gender", "label"], "gl")
+           + layer("gender_acc", "Accuracy", ["gender", "label"], "ga"))
     with pytest.raises(NetError) as caught:
         heads.find_heads(prototxt.parse(net))
     what = caught.value.what
@@ -160,6 +161,14 @@ def test_ambiguity_ranks_every_candidate_with_its_reason():
 
 def test_graph_helpers_are_public_for_other_analyses():
     entries = list(prototxt.parse(INPUT + fc("fc", "data", 3) + layer("drop", "Dropout", "fc", "fc")).layer)
-    assert heads.net_outputs(entries) == {"fc"}
+    assert heads.net_outputs(entries) == {"fc", "label"}
     assert heads.producer(entries, "fc", 3) == 2 and heads.readers(entries, "fc", 1) == [2]
     assert heads.score_sources(entries, "fc", 3) == ([1], [2])
+
+
+def test_an_autoencoders_reconstruction_loss_scores_no_classes():
+    net = (INPUT + layer("flat", "Flatten", "data", "flatdata") + fc("encode", "data", 8)
+           + layer("enc_sig", "Sigmoid", "encode", "encode") + fc("decode", "encode", 192)
+           + layer("loss", "SigmoidCrossEntropyLoss", ["decode", "flatdata"], "loss"))
+    with pytest.raises(NetError, match="no classifier head"):
+        heads.find_heads(prototxt.parse(net))

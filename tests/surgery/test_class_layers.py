@@ -283,3 +283,98 @@ layer { name: "excite" type: "Scale" bottom: "body1" bottom: "gate" top: "body1_
     text = (DATA / "ssd_like_train.prototxt").read_text().replace('layer {\n  name: "body2"', gate + 'layer {\n  name: "body2"', 1)
     result = rewrite.rewrite_text(text, rewrite.Options(classes=3, name="new"))
     assert [head.name for head in result.heads] == ["q_a", "q_b"]
+
+
+def test_refinedet_anchor_refinement_stays_and_only_the_class_branch_follows(fork):
+    result = _rewrite("refinedet_like_train.prototxt", classes=3)
+    assert [head.name for head in result.heads] == ["t_conf"]
+    net = _net(result)
+    assert layers.num_output(_layer(net, "t_conf_new")) == 3 * 3 and layers.num_output(_layer(net, "r_conf")) == 6
+    assert _layer(net, "refine_loss").multibox_loss_param.num_classes == 2
+    assert _layer(net, "loss").multibox_loss_param.num_classes == 3
+    assert list(_layer(net, "r_conf_reshape").reshape_param.shape.dim) == [0, -1, 2]
+    assert any(note.startswith("kept r_conf: class-agnostic objectness") for note in result.notes)
+    _again(result, 3)
+
+
+def test_refinedet_deploy_keeps_the_refinement_scores_the_detection_layer_reads(fork):
+    text = (DATA / "refinedet_like_train.prototxt").read_text()
+    refine_loss = text[text.index('layer {\n  name: "refine_loss"'):text.index('layer { name: "r_conf_reshape"')]
+    text = text[:text.index('layer {\n  name: "loss"')].replace(refine_loss, "") + """
+layer {
+  name: "out"
+  type: "DetectionOutput"
+  bottom: "t_loc_flat"
+  bottom: "t_conf_flat"
+  bottom: "prior"
+  bottom: "r_prob"
+  bottom: "r_loc_flat"
+  top: "out"
+  detection_output_param { num_classes: 5 share_location: true background_label_id: 0 }
+}
+"""
+    result = rewrite.rewrite_text(text, rewrite.Options(classes=4, name="new"))
+    assert [head.name for head in result.heads] == ["t_conf"]
+    net = _net(result, "deploy")
+    assert layers.num_output(_layer(net, "t_conf_new")) == 12 and layers.num_output(_layer(net, "r_conf")) == 6
+    assert _layer(net, "out").detection_output_param.num_classes == 4
+    _again(result, 4, role="deploy")
+
+
+def test_labels_shrunk_by_interp_make_a_segmentation_net(fork):
+    net = prototxt.parse((DATA / "deeplab_like_train.prototxt").read_text())
+    analysis = class_layers.analyze(net)
+    assert analysis.task == "segmentation" and analysis.count == 5
+    assert [entry.name for entry in analysis.layers] == ["rate2", "rate4"]
+    result = _rewrite("deeplab_like_train.prototxt", classes=3)
+    assert list(result.outputs) == ["train_val"]
+    assert any("not derived for a segmentation net" in note for note in result.notes)
+    assert layers.num_output(_layer(_net(result), "rate4_new")) == 3
+    _again(result, 3)
+
+
+def test_a_two_way_text_proposal_net_is_refused_as_class_agnostic():
+    text = """
+layer { name: "d" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 16 dim: 16 } } }
+layer { name: "f" type: "Convolution" bottom: "data" top: "f" convolution_param { num_output: 8 kernel_size: 3 } }
+layer { name: "s" type: "Convolution" bottom: "f" top: "s" convolution_param { num_output: 20 kernel_size: 1 } }
+layer { name: "b" type: "Convolution" bottom: "f" top: "b" convolution_param { num_output: 20 kernel_size: 1 } }
+layer { name: "s_r" type: "Reshape" bottom: "s" top: "s_r" reshape_param { shape { dim: 0 dim: 2 dim: -1 dim: 0 } } }
+layer { name: "p" type: "Softmax" bottom: "s_r" top: "p" }
+"""
+    with pytest.raises(NetError) as caught:
+        rewrite.rewrite_text(text, rewrite.Options(classes=4, name="new"))
+    assert "class-agnostic objectness" in caught.value.what and "(s)" in caught.value.what
+
+
+def test_a_layer_holding_a_count_in_its_own_layout_is_refused(fork):
+    text = """
+layer { name: "d" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 16 dim: 16 } } }
+layer { name: "f" type: "Convolution" bottom: "data" top: "f" convolution_param { num_output: 125 kernel_size: 3 } }
+layer { name: "region" type: "Region" bottom: "f" top: "region" region_param { classes: 20 coords: 4 num: 5 } }
+"""
+    with pytest.raises(NetError) as caught:
+        rewrite.rewrite_text(text, rewrite.Options(classes=4, name="new"))
+    assert caught.value.where == "region" and "region_param.classes: 20" in caught.value.what
+
+
+@pytest.mark.parametrize("params, refused", [("proposal_target_param { num_classes: 5 }", False), ("", True)])
+def test_a_fork_layer_count_follows_or_its_default_is_refused(fork, params, refused):
+    text = (DATA / "faster_like_train.prototxt").read_text().replace(
+        "type: 'Python'\n  bottom: 'rpn_rois'", "type: 'ProposalTarget'\n  bottom: 'rpn_rois'").replace(
+        "python_param { module: 'rpn.proposal_target_layer' layer: 'ProposalTargetLayer' param_str: \"'num_classes': 5\" }",
+        params)
+    if refused:
+        with pytest.raises(NetError) as caught:
+            rewrite.rewrite_text(text, rewrite.Options(classes=3, name="new"))
+        assert caught.value.where == "roi-data" and "schema's default" in caught.value.what
+        return
+    result = rewrite.rewrite_text(text, rewrite.Options(classes=3, name="new"))
+    assert _layer(_net(result), "roi-data").proposal_target_param.num_classes == 3
+    _again(result, 3)
+
+
+def test_a_void_label_numbered_after_the_classes_is_kept_with_a_note(fork):
+    result = _rewrite("segnet_like_train.prototxt", classes=3, class_weights=(1.0, 2.0, 3.0))
+    assert _layer(_net(result), "loss").loss_param.ignore_label == 4
+    assert any(note.startswith("kept loss: loss_param.ignore_label 4") for note in result.notes)

@@ -129,9 +129,11 @@ def assert_same_training(plain, cached, layers):
     assert len(accuracies(plain.run_dir)) == 4                     # iterations 0, 10, 20, 30
 
 
-@pytest.mark.parametrize("mirror", [False, True], ids=["deterministic", "mirror"])
-def test_a_cached_run_trains_the_head_as_a_plain_run_does(tmp_path, mirror):
-    net, solver, start = setup_net(tmp_path / "data", mirror=mirror)
+@pytest.mark.parametrize("mirror, crop", [(False, 0), (True, 0), (True, 8)],
+                         ids=["deterministic", "mirror", "mirror-and-crop-the-image-size"])
+def test_a_cached_run_trains_the_head_as_a_plain_run_does(tmp_path, mirror, crop):
+    # crop_size 8 on 8x8 images never moves, but Caffe still draws two offsets per image after the mirror draw.
+    net, solver, start = setup_net(tmp_path / "data", mirror=mirror, crop=crop)
     plain, cached = train_both(tmp_path, solver, start)
     assert plain.status == cached.status == "done" and cached.iteration == 30
     assert_same_training(plain, cached, ["fc_new"])

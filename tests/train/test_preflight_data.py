@@ -2,6 +2,8 @@
 real Caffe shows what happens without the check. Good setups stay free of errors and warnings."""
 from __future__ import annotations
 
+import subprocess
+
 import cv2
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ import pytest
 from caffetune.model import schema
 from caffetune.train import data_scan
 
-from helpers import run_pycaffe, save_random_weights
+from helpers import caffe_train, run_pycaffe, save_random_weights
 from preflight_helpers import (
     assert_clean,
     check_text,
@@ -245,3 +247,57 @@ def test_a_sampled_size_check_says_what_it_sampled(setup, monkeypatch):
     assert "(sizes read from a sample of 3 of 6 records)" in message
     # every second record was sized: 0, 2 and 4
     assert "3x8x8 (CxHxW) x2 (first: 00000000), 3x8x10 (CxHxW) x1 (first: 00000002)" in message
+
+
+# --- paths that caffe resolves from its own working directory -------------------------------------------------------
+def test_relative_image_paths_without_root_folder_are_an_error_and_caffe_cannot_load_them(tmp_path, caffe_install):
+    text, train_list = _image_setup(tmp_path)
+    train_list.write_text("".join(f"photos/{line}\n" for line in train_list.read_text().splitlines()))
+    text = text.replace(f'source: "{train_list}" root_folder: "{tmp_path / "photos"}/"', f'source: "{train_list}"')
+    message = only(check_text(text).problems)
+    assert f"24 of the 24 images listed in {train_list} have relative paths and image_data_param has no " \
+           f"root_folder (e.g. {train_list}:1: photos/img000.png)" in message
+    assert 'root_folder: "./"' in message and "starts caffe in the run directory" in message
+    run_dir = tmp_path / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    (tmp_path / "train_val.prototxt").write_text(text)
+    (tmp_path / "solver.prototxt").write_text(_solver(tmp_path))
+    result = caffe_train(caffe_install, tmp_path / "solver.prototxt", cwd=run_dir)   # as `caffetune run` does
+    assert result.returncode != 0 and "Could not load photos/img" in fatal_line(result)
+    assert_clean(check_text(text.replace(f'source: "{train_list}"',
+                                         f'source: "{train_list}" root_folder: "{tmp_path}/"')))
+
+
+HDF5_NET = """name: "h5"
+layer { name: "data" type: "HDF5Data" top: "data" top: "label" hdf5_data_param { source: "SOURCE" batch_size: 4 } }
+layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc" inner_product_param { num_output: 2 } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }
+"""
+
+
+def _h5(path):
+    import h5py
+
+    with h5py.File(path, "w") as handle:
+        handle["data"] = np.zeros((8, 3), np.float32)
+        handle["label"] = np.zeros(8, np.float32)
+    return path
+
+
+def test_an_hdf5_file_given_as_the_hdf5data_source_is_an_error_and_caffe_stops(tmp_path, caffe_install):
+    h5 = _h5(tmp_path / "train.h5")
+    text = HDF5_NET.replace("SOURCE", str(h5))
+    message = only(check_text(text).problems)
+    assert f"HDF5Data source {h5} is an HDF5 file, not the list of HDF5 files caffe expects" in message
+    assert f"echo {h5} > train.txt" in message
+    (tmp_path / "train_val.prototxt").write_text(text)
+    (tmp_path / "solver.prototxt").write_text(_solver(tmp_path).replace("test_iter: 2\ntest_interval: 100\n", ""))
+    env = dict(caffe_install.env(), GLOG_logtostderr="1")
+    result = subprocess.run([str(caffe_install.binary), "train", f"-solver={tmp_path / 'solver.prototxt'}"], env=env,
+                            capture_output=True, timeout=300)   # bytes: caffe logs the binary line as a file name
+    assert result.returncode != 0 and b"Failed opening HDF5 file: \x89HDF" in result.stderr
+    listing = tmp_path / "train_h5.txt"
+    listing.write_text(f"{h5}\n")
+    assert_clean(check_text(HDF5_NET.replace("SOURCE", str(listing))))
+    listing.write_text("train.h5\n")
+    assert "are relative paths" in only(check_text(HDF5_NET.replace("SOURCE", str(listing))).problems)

@@ -102,3 +102,92 @@ def test_a_solverstate_and_random_weights_are_accepted(setup, caffe_install):
     weights = save_random_weights(caffe_install, net, folder / "w.caffemodel")
     assert checks_solver.file_kind(weights) == "caffemodel"
     assert_clean(check_text(net.read_text(), weights=[weights]))
+
+
+# --- the learning-rate schedule and the solver type ------------------------------------------------------------------
+STEP = 'lr_policy: "step" gamma: 0.5 stepsize: 10'
+
+
+def test_an_unknown_lr_policy_is_an_error_and_caffe_stops_at_the_first_update(setup, caffe_install):
+    _, net, solver = setup
+    solver_text = edited(solver, ('lr_policy: "step"', 'lr_policy: "steps"'))
+    message = only(check_text(net.read_text(), solver_text=solver_text).problems)
+    assert 'solver: lr_policy "steps" is not a learning-rate policy caffe knows' in message
+    assert 'use lr_policy: "step"' in message
+    solver.write_text(solver_text)
+    result = caffe_train(caffe_install, solver)
+    assert result.returncode != 0 and "Unknown learning rate policy: steps" in fatal_line(result)
+
+
+def test_a_solver_without_lr_policy_is_an_error_and_caffe_stops(setup, caffe_install):
+    _, net, solver = setup
+    solver_text = edited(solver, (STEP, ""))
+    message = only(check_text(net.read_text(), solver_text=solver_text).problems)
+    assert "the solver has no lr_policy (it has no default)" in message and 'lr_policy: "fixed"' in message
+    solver.write_text(solver_text)
+    result = caffe_train(caffe_install, solver)
+    assert result.returncode != 0 and "Unknown learning rate policy" in fatal_line(result)
+
+
+def test_step_without_stepsize_is_an_error_and_caffe_stops(setup, caffe_install):
+    _, net, solver = setup
+    solver_text = edited(solver, (" stepsize: 10", ""))
+    message = only(check_text(net.read_text(), solver_text=solver_text).problems)
+    assert 'lr_policy "step" without a stepsize' in message and "set stepsize" in message
+    solver.write_text(solver_text)
+    result = caffe_train(caffe_install, solver)
+    assert result.returncode != 0 and "stepsize() > 0" in fatal_line(result)
+
+
+def test_step_without_gamma_is_an_error_and_caffe_drops_the_rate_to_zero(setup, caffe_install):
+    _, net, solver = setup
+    solver_text = edited(solver, (STEP, 'lr_policy: "step" stepsize: 2'))
+    message = only(check_text(net.read_text(), solver_text=solver_text).problems)
+    assert 'lr_policy "step" with gamma 0 (unset: gamma has no default)' in message
+    assert "becomes 0 at the first step" in message and "gamma: 0.1" in message
+    solver.write_text(solver_text)
+    result = caffe_train(caffe_install, solver)
+    assert result.returncode == 0
+    rates = {int(it): float(lr) for it, lr in re.findall(r"Iteration (\d+), lr = (\S+)", result.stderr)}
+    assert rates[1] == 0.01 and rates[2] == 0 and rates[19] == 0   # it silently stops learning at the first step
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    ('lr_policy: "step" gamma: 0 stepsize: 10', 'lr_policy "step" with gamma 0: '),
+    ('lr_policy: "step" gamma: 10 stepsize: 10', "makes the rate grow at each step"),
+    ('lr_policy: "multistep" gamma: 0.1', 'lr_policy "multistep" without any stepvalue: the rate never drops'),
+])
+def test_odd_schedules_are_warnings(setup, schedule, expected):
+    _, net, solver = setup
+    report = check_text(net.read_text(), solver_text=edited(solver, (STEP, schedule)))
+    assert report.problems == [] and expected in only(report.warnings)
+
+
+@pytest.mark.parametrize("schedule", ['lr_policy: "fixed"', 'lr_policy: "inv" gamma: 0.0001 power: 0.75',
+                                      'lr_policy: "multistep" gamma: 0.1 stepvalue: 10 stepvalue: 15',
+                                      'lr_policy: "poly" power: 1', 'lr_policy: "exp" gamma: 0.99'])
+def test_usual_schedules_are_clean(setup, schedule):
+    _, net, solver = setup
+    assert_clean(check_text(net.read_text(), solver_text=edited(solver, (STEP, schedule))))
+
+
+def test_a_solver_type_in_the_wrong_case_is_an_error_and_caffe_stops(setup, caffe_install):
+    _, net, solver = setup
+    solver_text = edited(solver, ("momentum: 0.9\n", 'type: "adam"\n'))
+    message = only(check_text(net.read_text(), solver_text=solver_text).problems)
+    assert 'solver type "adam" is not a solver caffe knows (names are case-sensitive)' in message
+    assert 'write type: "Adam"' in message
+    solver.write_text(solver_text)
+    result = caffe_train(caffe_install, solver)
+    assert result.returncode != 0 and "Unknown solver type: adam" in fatal_line(result)
+    assert_clean(check_text(net.read_text(), solver_text=solver_text.replace('"adam"', '"Adam"')))
+
+
+def test_solver_type_and_the_old_enum_together_are_an_error_and_caffe_stops(setup, caffe_install):
+    _, net, solver = setup
+    solver_text = solver.read_text() + 'type: "Nesterov"\nsolver_type: NESTEROV\n'
+    message = only(check_text(net.read_text(), solver_text=solver_text).problems)
+    assert "the solver sets both solver_type (the old enum) and type" in message
+    solver.write_text(solver_text)
+    result = caffe_train(caffe_install, solver)
+    assert result.returncode != 0 and "cannot be both specified" in result.stderr

@@ -79,3 +79,60 @@ def test_a_head_kept_with_more_classes_than_the_data_is_a_warning(setup, caffe_i
     assert "caffetune rewrite --classes 4 --name NEW" in message
     renamed = text.replace('name: "fc"', 'name: "fc_new"')
     assert_clean(check_text(renamed, caffe_install, solver_text=solver.read_text(), weights=[weights]))
+
+
+# --- is anything fine-tuned? ----------------------------------------------------------------------------------------
+def test_weights_that_match_no_layer_are_a_warning_and_caffe_ignores_them(setup, caffe_install):
+    folder, net, solver = setup
+    other = net.read_text().replace('name: "conv1"', 'name: "conv_a"').replace('name: "fc"', 'name: "fc_a"')
+    weights = _weights(caffe_install, folder, other, "other_names")
+    report = check_text(net.read_text(), caffe_install, solver_text=solver.read_text(), weights=[weights])
+    assert report.problems == [] and report.copied == []
+    message = only(report.warnings)
+    assert "no layer of the net is copied from other_names.caffemodel: none of its 2 learnable layers (conv1, fc) " \
+           "has a same-named layer there (it has: conv_a, fc_a)" in message and "the run trains from scratch" in message
+    result = train(caffe_install, folder / "tiny", net.read_text(), solver.read_text(), f"-weights={weights}")
+    assert result.returncode == 0, fatal_line(result)
+    assert "Ignoring source layer conv_a" in result.stderr and "Ignoring source layer fc_a" in result.stderr
+
+
+FROZEN_FC = ('top: "fc"\n', 'top: "fc" param { lr_mult: 0 } param { lr_mult: 0 }\n')
+
+
+def test_a_new_head_frozen_is_an_error_and_caffe_never_changes_it(setup, caffe_install):
+    folder, net, solver = setup
+    text = edited(net, FROZEN_FC)
+    weights = _weights(caffe_install, folder, net.read_text().replace('name: "fc"', 'name: "fc_old"'), "renamed")
+    report = check_text(text, caffe_install, solver_text=solver.read_text(), weights=[weights])
+    message = only(report.problems)
+    assert "layer fc: head fc is frozen (param { lr_mult } 0) and is not in the weights, so it starts from its " \
+           "filler" in message and "the classifier never learns" in message and "lr_mult } 10 and 20" in message
+    result = train(caffe_install, folder / "tiny", text, solver.read_text() + "snapshot: 10\n", f"-weights={weights}")
+    assert result.returncode == 0, fatal_line(result)
+    values = run_pycaffe(caffe_install, """
+        import sys, caffe
+        caffe.set_mode_cpu()
+        a, b = (caffe.Net(sys.argv[1], path, caffe.TEST) for path in sys.argv[2:])
+        print(abs(a.params["fc"][0].data - b.params["fc"][0].data).max(),
+              abs(a.params["conv1"][0].data - b.params["conv1"][0].data).max())
+    """, str(net), *(str(folder / "tiny" / f"snap_iter_{i}.caffemodel") for i in (10, 20))).stdout.split()
+    assert float(values[-2]) == 0.0 and float(values[-1]) > 0   # fc keeps its random filler; conv1 learns
+
+
+def test_a_frozen_layer_from_fillers_below_the_head_is_a_warning(setup):
+    _, net, _ = setup
+    text = edited(net, ('top: "conv1"\n', 'top: "conv1" param { lr_mult: 0 } param { lr_mult: 0 }\n'))
+    report = check_text(text)
+    assert report.problems == []
+    assert "layer conv1 is frozen (param { lr_mult } 0) and starts from its filler (no weights are given)" in \
+        only(report.warnings)
+
+
+def test_a_frozen_bilinear_upsampling_layer_is_clean(setup, caffe_install):
+    _, net, solver = setup
+    upsample = ('layer { name: "up" type: "Deconvolution" bottom: "conv1" top: "up" param { lr_mult: 0 } '
+                'convolution_param { num_output: 4 group: 4 kernel_size: 4 stride: 2 bias_term: false '
+                'weight_filler { type: "bilinear" } } }\n')
+    text = edited(net, ('layer { name: "fc" type: "InnerProduct" bottom: "conv1"',
+                        upsample + 'layer { name: "fc" type: "InnerProduct" bottom: "up"'))
+    assert_clean(check_text(text, caffe_install, solver_text=solver.read_text()))
