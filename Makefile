@@ -71,9 +71,10 @@ $(SCHEMA): $(SOURCE_STAMP) proto/compile_schema.py | venv
 	@echo "setup: schema $@ from the pinned caffe.proto"
 	@$(call logged,proto,$(PY) proto/compile_schema.py $(CAFFE_SRC)/src/caffe/proto/caffe.proto $@)
 
-# The fast tier: lint, then every test that needs only the venv and the schema (no Caffe build).
-check: venv source proto lint
-	$(PY) -m pytest -q -m "not caffe"
+# The fast tier: lint, then every test that needs only the venv, the apt packages and the schema (no Caffe build,
+# no download but the pinned Caffe source).
+check: apt venv source proto lint
+	$(PY) -m pytest -q -m "not caffe and not network"
 
 lint: venv
 	$(PY) -m ruff check caffetune tests bench proto tools

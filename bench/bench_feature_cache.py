@@ -12,8 +12,8 @@ images at 224 px, 10 epochs of batch 25, 100 held-out val images scored before t
 Printed: each run's wall time, the plain/cached ratio (target >= 5x), the cold cached time against the floor (one
 forward pass of the trunk over the data; target within 1.5x) and the final accuracies (the same computation: they
 should agree). The floor is taken from the feature pass itself: it forwards 2 x train (both orientations, for the
-mirror) + val images, so one pass over the data is its time x (train + val) / (2 x train + val). The machine's load average is printed too:
-on a shared machine the raw times move, the ratio of runs made side by side much less.
+mirror) + val images, so one pass over the data is its time x (train + val) / (2 x train + val). The machine's
+load average is printed too: on a shared machine the raw times move, the ratio of runs made side by side much less.
 
 Then the reader choice: the same top (InnerProduct 1024 -> 10 + softmax loss) trained 2,000 iterations of batch 25
 on 2,000 cached rows from HDF5 (HDF5Data, what the cache writes) and from an LMDB of float Datums (Data), best of 2.

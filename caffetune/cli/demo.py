@@ -14,7 +14,7 @@ from caffetune.cli.output import RunView, out
               help="Fashion-MNIST training images per class (a tenth of them is the val set)")
 @click.option("--test-per-class", type=click.IntRange(min=1), default=100, show_default=True,
               help="held-out test images per class, from Fashion-MNIST's test split")
-@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
               help="passes over the training images (the val set is scored after each)")
 @click.option("--iterations", type=click.IntRange(min=1), help="training iterations (instead of --epochs)")
 @click.option("--batch-size", type=click.IntRange(min=1), default=25, show_default=True)

@@ -8,7 +8,7 @@ import click
 from caffetune.cli import types
 from caffetune.cli.app import Context, cli
 from caffetune.cli.exit_codes import ExitCode
-from caffetune.cli.output import err, out, print_fields, print_json, print_wide
+from caffetune.cli.output import err, inspection_tables, out, print_fields, print_json, print_wide
 
 
 @cli.command(needs_schema=False)
@@ -53,7 +53,7 @@ def inspect_command(obj: Context, target: str, weights_path: str | None, phase: 
     if as_json:
         print_json(report.as_dict())
         return
-    table, summary = inspection.rendered(report)
+    table, summary = inspection_tables(report)
     print_wide(table)
     for line in summary:
         out.print(line, markup=False)

@@ -5,14 +5,12 @@ import click
 
 from caffetune.cli import types
 from caffetune.cli.app import Context, cli
-from caffetune.cli.output import out, print_json
+from caffetune.cli.output import name_list, out, print_json
 
 _STATE_COLOURS = (("copied", "green"), ("partial", "cyan"), ("mismatched", "red"), ("scratch", "yellow"))
 
 
 def _print_graft(report, output: str) -> None:
-    from caffetune.report.inspection import name_list
-
     plan = report.plan
     for state, colour in _STATE_COLOURS:
         names = plan.names(state)

@@ -45,7 +45,7 @@ class DemoOptions:
     images_per_class: int = 250        # from Fashion-MNIST's training split; a tenth of them is the val set
     test_per_class: int = 100          # held out, from the test split: 1,000 images for 10 classes
     classes: tuple[int, ...] = tuple(range(10))
-    epochs: float = 2.0                # passes over train_lmdb; the val set is scored after each
+    epochs: float = 10.0               # passes over train_lmdb; the val set is scored after each
     iterations: int | None = None      # overrides epochs
     batch_size: int = 25
     base_lr: float = 0.001             # the new head learns at 10x this (rewrite's --new-lr-mult 10,20)
@@ -159,7 +159,8 @@ def user_commands(report: DemoReport, options: DemoOptions) -> list[str]:
         f"caffetune rewrite {q(str(report.model.deploy))} --classes {len(options.classes)} --name fashion "
         f"--weights {q(str(report.model.weights))} --freeze backbone "
         f"--train-source {q(str(report.data / 'train_lmdb'))} --val-source {q(str(report.data / 'val_lmdb'))} "
-        f"--batch-size {options.batch_size} --mean-value {mean} --no-mirror --solver template --base-lr {options.base_lr:g} "
+        f"--batch-size {options.batch_size} --mean-value {mean} --no-mirror --solver template "
+        f"--base-lr {options.base_lr:g} "
         f"--lr-policy step --max-iter {max_iter} --stepsize {stepsize} --snapshot 0 --solver-mode CPU "
         f"-o {q(str(report.model_dir))}",
         f"caffetune run --solver {q(str(report.model_dir / 'solver.prototxt'))} "

@@ -93,14 +93,19 @@ def is_fatal_line(line: str) -> bool:
     return line[:1] == "F" and line[1:5].isdigit() and "] " in line
 
 
-def run_pycaffe(install: CaffeInstall, script: str, args: list[str], timeout: float | None = None
-                ) -> subprocess.CompletedProcess:
-    """Run a Python `script` that imports this build's pycaffe in a child process, glog quiet (warnings and up).
-    A child, because a Caffe CHECK failure aborts the whole process; raises subprocess.TimeoutExpired."""
+def pycaffe_env(install: CaffeInstall) -> dict:
+    """The environment of a child process that imports this build's pycaffe, glog quiet (warnings and up)."""
     env = install.env()
     env["GLOG_minloglevel"] = "2"
-    return subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return env
+
+
+def run_pycaffe(install: CaffeInstall, script: str, args: list[str], timeout: float | None = None
+                ) -> subprocess.CompletedProcess:
+    """Run a Python `script` that imports this build's pycaffe in a child process (see pycaffe_env). A child,
+    because a Caffe CHECK failure aborts the whole process; raises subprocess.TimeoutExpired."""
+    return subprocess.run([sys.executable, "-c", script, *args], env=pycaffe_env(install), capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def run_quiet(command: list[str], **kwargs) -> subprocess.CompletedProcess:

@@ -310,13 +310,6 @@ def inspect_path(target: Path | str, weights_path: Path | str | None = None, *, 
     return inspect_net(target, weights_path, phase=phase, use_pycaffe=use_pycaffe, caffe=caffe)
 
 
-def rendered(report: NetReport | WeightsReport) -> tuple[object, list[str]]:
-    """(rich table, summary lines) of either report."""
-    if isinstance(report, WeightsReport):
-        return weights_table(report), weights_summary(report)
-    return net_table(report), net_summary(report)
-
-
 def shape_text(shape) -> str:
     if shape is None:
         return "?"
@@ -337,85 +330,3 @@ def environment_has_pycaffe(caffe: str | None = None) -> bool:
         return caffe_tools.find_caffe(caffe).pycaffe_dir is not None
     except CaffetuneError:
         return False
-
-
-# ---- rendering (rich tables; the CLI prints them) --------------------------------------------------------------
-_STATE_STYLE = {"frozen": "blue", "fine-tuned": "green", "new": "bold magenta"}
-_WEIGHTS_STYLE = {"copied": "green", "scratch": "yellow", "mismatched": "bold red", "partial": "cyan"}
-
-
-def _mults(values: list[float]) -> str:
-    return "/".join(f"{v:g}" for v in values) if values else ""
-
-
-def net_table(report: NetReport):
-    from rich.table import Table  # noqa: PLC0415 - rendering only
-
-    with_weights = report.weights is not None
-    table = Table(title=f"{report.name or Path(report.path).name} ({report.phase}; shapes from "
-                        f"{report.shape_source})", title_justify="left")
-    for column in ("layer", "type", "bottoms -> tops", "output", "params", "count", "lr/decay", "state") + (
-            ("weights",) if with_weights else ()):
-        table.add_column(column, justify="right" if column == "count" else "left", overflow="fold")
-    for row in report.layers:
-        state = row.state + (" (head)" if row.head else "")
-        style = _STATE_STYLE.get(row.state, "")
-        cells = [row.name, row.type, f"{', '.join(row.bottoms)} -> {', '.join(row.tops)}",
-                 ", ".join(shape_text(s) for s in row.outputs),
-                 "?" if row.params is None else ", ".join(shape_text(s) for s in row.params),
-                 format_count(row.param_count) if row.params != [] else "",
-                 f"{_mults(row.lr_mult)} {_mults(row.decay_mult)}".strip(),
-                 f"[{style}]{state}[/{style}]" if style else state]
-        if with_weights:
-            tone = _WEIGHTS_STYLE.get(row.weights, "")
-            cells.append(f"[{tone}]{row.weights}[/{tone}]" if tone else row.weights)
-        table.add_row(*cells)
-    return table
-
-
-def name_list(names: list[str], limit: int = 12) -> str:
-    """A list of layer names for one line: the first `limit`, then how many more (--json has them all)."""
-    if not names:
-        return "-"
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... and {len(names) - limit} more (--json lists all)" if len(names) > limit else "")
-
-
-def net_summary(report: NetReport) -> list[str]:
-    lines = [f"heads: {', '.join(report.heads) or 'none found'}" + (f" ({report.head_note})" if report.head_note
-                                                                    else ""),
-             f"parameters: {report.total_params:,} total, {report.trainable_params:,} trainable"
-             + (f" (shapes unknown for {', '.join(report.unknown_params)})" if report.unknown_params else "")]
-    lines += [f"note: {note}" for note in report.notes]
-    if report.weights is not None:
-        w = report.weights
-        lines.append(f"weights {w['path']}:")
-        lines.append(f"  copied ({len(w['copied'])}): {name_list(w['copied'])}")
-        lines.append(f"  from scratch ({len(w['scratch'])}): {name_list(w['scratch'])}")
-        if w["partial"]:
-            lines.append(f"  partly copied ({len(w['partial'])}): {name_list(w['partial'])}")
-        lines.append(f"  unused in the file ({len(w['unused'])}): {name_list(w['unused'])}")
-        for name, detail in w["mismatched"].items():
-            lines.append(f"  MISMATCH {name}: {detail} -- caffe train -weights would abort; rename the layer "
-                         f"or run `caffetune graft`")
-    return lines
-
-
-def weights_table(report: WeightsReport):
-    from rich.table import Table  # noqa: PLC0415
-
-    table = Table(title=f"{Path(report.path).name}: net {report.net_name or '(unnamed)'}, {report.format} format, "
-                        f"{size_text(report.file_size)}", title_justify="left")
-    for column in ("#", "layer", "type", "blobs", "count"):
-        table.add_column(column, justify="right" if column in ("#", "count") else "left", overflow="fold")
-    for index, row in enumerate(report.layers):
-        blobs = ", ".join(shape_text(s) + ("" if d in ("float32", "") else f" {d}")
-                          for s, d in zip(row["shapes"], row["dtypes"]))
-        table.add_row(str(index), row["name"], row["type"], blobs, format_count(row["count"]) if blobs else "")
-    return table
-
-
-def weights_summary(report: WeightsReport) -> list[str]:
-    with_blobs = sum(1 for r in report.layers if r["shapes"])
-    lines = [f"{len(report.layers)} layers, {with_blobs} with blobs, {report.total_params:,} parameters"]
-    return lines + [f"problem: {p}" for p in report.problems]

@@ -3,28 +3,16 @@
     analysis = class_layers.analyze(net)            # None for a plain classifier (see heads.find_heads)
     analysis.count, analysis.layers, analysis.settings, analysis.background
 
-Everything is found from the graph and the layer types, never from layer names. The walk starts at the layers
-that consume class scores ("anchors"):
+Everything is found from the graph and the layer types, never from layer names (docs/detection-segmentation.md).
+The walk starts at the layers consuming class scores ("anchors"): detection layers (their `num_classes` is K;
+their confidence input, and the location input when `share_location` is false, is traced) and softmax-family
+layers (K is the class axis of the nearest Reshape on the path, else a PSROIPooling's `output_dim`, else the
+producer's `num_output`). Tracing goes back through pass-through layers, PSROIPooling (group_size^2 maps per class)
+and Deconvolutions (FCN's upscore layers); each learnable layer reached has O = m x K outputs and becomes m x N.
 
-- detection layers (MultiBoxLoss, DetectionOutput): their `num_classes` is the count K; the confidence input (and
-  the location input when `share_location` is false) is traced back to the learnable layers producing it;
-- softmax-family consumers (SoftmaxWithLoss, Softmax, Accuracy, ...): the count they see is the class axis of the
-  nearest Reshape on the path (SSD's [0, -1, 21]), else a PSROIPooling's `output_dim` (R-FCN), else the producer's
-  `num_output`.
-
-Tracing goes back through pass-through layers (ReLU, Dropout, Permute, Flatten, Reshape, Softmax, Crop's first
-input, Eltwise and Concat inputs, pooling, upsampling), through PSROIPooling (each class has group_size^2
-position-sensitive maps) and through Deconvolutions (FCN's upscore layers: the learnable layer before one is
-class-dependent too when it has the same width). A learnable layer reached this way has O = m x K outputs; it is
-rewritten to m x N. A multiple that does not divide is refused.
-
-A two-way objectness score of a region proposal network is class-agnostic and left alone: it feeds a proposal or
-anchor-target layer, or is reshaped as [0, 2, -1, 0]. Box regressors beside a per-RoI classifier (Fast/Faster
-R-CNN's bbox_pred, R-FCN's rfcn_bbox) are class-specific at 4 x K outputs per RoI and class-agnostic at 4 or 8.
-
-Non-learnable settings carrying K: `num_classes` of MultiBoxLoss/DetectionOutput/DetectionEvaluate, the class axis
-of Reshape dims, PSROIPooling `output_dim`, `'num_classes': K` in the `param_str` of known Python layers, per-class
-`class_weighting` lists of losses, and layers indexed by the label with K outputs (center loss centres).
+Two-way object / not object scores are class-agnostic and stay: a region proposal network's (it feeds a proposal
+or anchor-target layer, or is reshaped as [0, 2, -1, 0]) and RefineDet's anchor refinement (read again by another
+detection layer). The settings half (box regressors, counts in parameters, Reshape dims ...) is class_settings.
 """
 from __future__ import annotations
 
@@ -280,8 +268,9 @@ def _feeds_rpn(graph: _Graph, index: int, hops: int = 4) -> bool:
 
 def _is_objectness(graph: _Graph, anchor: _Anchor) -> bool:
     """A region proposal network's two-way (object / not object) score: class-agnostic."""
-    if anchor.detection or (anchor.count == 2 and _refines(graph, anchor)):
-        return anchor.count == 2 and _refines(graph, anchor)
+    refines = anchor.count == 2 and _refines(graph, anchor)    # RefineDet's anchor refinement
+    if anchor.detection or refines:
+        return refines
     if anchor.label:
         source = graph.producer(anchor.label, anchor.layer)
         if source is not None and _is_rpn_layer(graph.entries[source]):
@@ -339,7 +328,8 @@ def find_anchors(net: Message) -> tuple[_Graph, list[_Anchor], list[_Anchor]]:
     anchors += _output_anchors(graph, {anchor.layer for anchor in anchors})
     objectness = [anchor for anchor in anchors if _is_objectness(graph, anchor)]
     agnostic = {index for anchor in objectness for index, _ in anchor.trace.hits}   # and their other readers
-    objectness += [a for a in anchors if a not in objectness and {i for i, _ in a.trace.hits} <= agnostic != set()]
+    objectness += [a for a in anchors if a not in objectness and a.trace.hits and
+                   {index for index, _ in a.trace.hits} <= agnostic]
     return graph, [anchor for anchor in anchors if anchor not in objectness], objectness
 
 
@@ -354,8 +344,9 @@ def _is_gate(graph: _Graph, index: int) -> bool:
 
 def _output_anchors(graph: _Graph, consumers: set[int]) -> list[_Anchor]:
     """Unscored per-pixel class maps that leave the net (an FCN deploy net's upsampled, cropped `score`)."""
-    found = []
-    for blob in sorted(heads.net_outputs(graph.entries)):
+    found, sinks = [], {blob for index, layer in enumerate(graph.entries) if not layer.top and layer.bottom and
+                        graph.kind(index) != "Silence" and index not in consumers for blob in layer.bottom}
+    for blob in sorted(heads.net_outputs(graph.entries) | sinks):   # sinks write blobs out (MatWrite, HDF5Output)
         index = graph.producer(blob, len(graph.entries))
         if index is None or index in consumers:
             continue
@@ -399,52 +390,18 @@ def analyze(net: Message, heads_chosen: tuple[str, ...] = ()) -> Analysis | None
         class_settings.unknown_counts(graph)      # YOLO's Region / DetectionLoss: refused, not a classifier
         return None
 
-    anchors = _choose_group(graph, anchors, objectness, heads_chosen)
+    anchors = class_settings.choose_group(graph, anchors, objectness, heads_chosen)
     count = anchors[0].count
     analysis = Analysis(task, count, class_settings.background(graph, anchors, task))
     analysis.agnostic = {anchor.layer for anchor in objectness if anchor.detection}
     analysis.layers = class_settings.class_layers(graph, anchors, count)
     class_settings.add_regressors(graph, analysis)
     class_settings.add_settings(graph, analysis, anchors)
-    analysis.kept += [f"{graph.entries[i].name}: class-agnostic objectness score ({layers.num_output(graph.entries[i])} "
-                      f"outputs: 2 per anchor, object / not object)"
+    analysis.kept += [f"{graph.entries[i].name}: class-agnostic objectness score "
+                      f"({layers.num_output(graph.entries[i])} outputs: 2 per anchor, object / not object)"
                       for i in sorted({i for anchor in objectness for i, _ in anchor.trace.hits})]
     analysis.kept = list(dict.fromkeys(analysis.kept))
     return analysis
-
-
-def _describe(graph: _Graph, anchor: _Anchor) -> str:
-    names = ", ".join(dict.fromkeys(graph.entries[i].name for i, _ in anchor.trace.hits))
-    return f"{names} -> {graph.entries[anchor.layer].name}"
-
-
-def _choose_group(graph: _Graph, anchors: list[_Anchor], objectness: list[_Anchor],
-                  chosen: tuple[str, ...]) -> list[_Anchor]:
-    if chosen:
-        anchors = [a for a in anchors if any(graph.entries[i].name in chosen for i, _ in a.trace.hits)]
-    unknown = [a for a in anchors if a.count is None]
-    if unknown:
-        raise NetError(f"cannot tell how many classes {graph.entries[unknown[0].layer].name} sees: its scores come "
-                       f"from " + ", ".join(graph.entries[i].name for i, _ in unknown[0].trace.hits),
-                       where=graph.entries[unknown[0].layer].name,
-                       fix="edit the class-dependent layers by hand; caffetune will not half-rewrite the net")
-    if not anchors:
-        agnostic = ", ".join(graph.entries[i].name for a in objectness for i, _ in a.trace.hits)
-        what = (f"only a class-agnostic objectness score ({agnostic})" if agnostic else
-                "no learnable layer whose output reaches a class score consumer")
-        raise NetError(f"no class-dependent layer found: the net has {what}" +
-                       (f" among --head {', '.join(chosen)}" if chosen else ""),
-                       fix="nothing depends on the class count here; train the net as it is, or name the class "
-                           "layers with --head")
-    counts = {}
-    for anchor in anchors:
-        counts.setdefault(anchor.count, []).append(anchor)
-    if len(counts) > 1:
-        listing = "; ".join(f"{count} classes: " + ", ".join(_describe(graph, a) for a in group)
-                            for count, group in counts.items())
-        raise NetError(f"the net has class outputs with different class counts ({listing})",
-                       fix="choose one task's class layers with --head NAME (one of its layers is enough)")
-    return anchors
 
 
 def summary(net: Message) -> tuple[list[str], str] | None:

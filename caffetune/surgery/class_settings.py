@@ -378,3 +378,40 @@ def _label_maps(net: Message) -> list[tuple[str, str]]:
     for layer in layers.all_layers(net):
         visit(layer.name, layer)
     return list(dict.fromkeys(found))
+
+
+def _describe(graph: _Graph, anchor: _Anchor) -> str:
+    names = ", ".join(dict.fromkeys(graph.entries[i].name for i, _ in anchor.trace.hits))
+    return f"{names} -> {graph.entries[anchor.layer].name}"
+
+
+def choose_group(graph: _Graph, anchors: list[_Anchor], objectness: list[_Anchor],
+                  chosen: tuple[str, ...]) -> list[_Anchor]:
+    if chosen:
+        anchors = [a for a in anchors if any(graph.entries[i].name in chosen for i, _ in a.trace.hits)]
+    unknown = [a for a in anchors if a.count is None]
+    if unknown:
+        raise NetError(f"cannot tell how many classes {graph.entries[unknown[0].layer].name} sees: its scores come "
+                       f"from " + ", ".join(graph.entries[i].name for i, _ in unknown[0].trace.hits),
+                       where=graph.entries[unknown[0].layer].name,
+                       fix="edit the class-dependent layers by hand; caffetune will not half-rewrite the net")
+    if not anchors:
+        agnostic = ", ".join(dict.fromkeys(graph.entries[i].name for a in objectness for i, _ in a.trace.hits))
+        what = (f"only a class-agnostic objectness score ({agnostic})" if agnostic else
+                "no learnable layer whose output reaches a class score consumer")
+        counts = [f"{layer.name}'s {match.group(0)}" for layer in graph.entries if _python_kind(layer) == "count"
+                  for match in [COUNT_KEY.search(layer.python_param.param_str)] if match]
+        unread = f"; {', '.join(counts)} sizes no layer of this net" if counts else ""   # py-faster-rcnn RPN stage
+        raise NetError(f"no class-dependent layer found: the net has {what}" +
+                       (f" among --head {', '.join(chosen)}" if chosen else "") + unread,
+                       fix="nothing depends on the class count here; train the net as it is, or name the class "
+                           "layers with --head")
+    counts = {}
+    for anchor in anchors:
+        counts.setdefault(anchor.count, []).append(anchor)
+    if len(counts) > 1:
+        listing = "; ".join(f"{count} classes: " + ", ".join(_describe(graph, a) for a in group)
+                            for count, group in counts.items())
+        raise NetError(f"the net has class outputs with different class counts ({listing})",
+                       fix="choose one task's class layers with --head NAME (one of its layers is enough)")
+    return anchors

@@ -2,8 +2,8 @@
 
 Every function returns a new message and leaves the caller's untouched:
 
-    net = transforms.rename_layer(net, "fc8", "fc8_flickr")
-    net = transforms.set_num_output(net, "fc8_flickr", 20)
+    net = net_edits.rename_layer(net, "fc8", "fc8_flickr")
+    net = net_edits.set_num_output(net, "fc8_flickr", 20)
 """
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ FORK_TYPES = {
     **dict.fromkeys(("Upsample", "BN"), "a SegNet fork (caffe-segnet)"),
     **dict.fromkeys(("Region", "Reorg", "Yolov3", "YoloDetectionOutput"), "a YOLO fork"),
 }
-_SHAPE_FAILURE = re.compile(r"shape\[i\] >= 0|count_ < 2147483647|(height|width)_out.* > 0")
+_SHAPE_FAILURE = re.compile(r"shape\[i\] >= 0|(height|width)_out.* > 0")
 
 
 def explain(message: str, net: Message, name: str, phases: list[str]) -> Problem:

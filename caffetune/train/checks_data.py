@@ -14,7 +14,7 @@ from caffetune.data import mean
 from caffetune.errors import CaffetuneError, DatasetError, Problem
 from caffetune.model import heads as heads_module
 from caffetune.model import layers
-from caffetune.train import data_scan
+from caffetune.train import checks_hdf5, data_scan
 from caffetune.train.checks_common import Run, error, layer_where, warning
 
 REBUILD = "`caffetune build-lmdb`"
@@ -103,14 +103,30 @@ def check_list_scan(scan: data_scan.DataScan, params: Message, where: str) -> li
     return problems
 
 
-def check_labels(scan: data_scan.DataScan, head_list: list, where: str) -> list[Problem]:
-    """Every label must lie in 0..num_output-1 of every head (Caffe only checks this in debug builds)."""
+def ignored_labels(net: Message) -> set[int]:
+    """The label every SoftmaxWithLoss and Accuracy layer of the net ignores (loss_param / accuracy_param
+    ignore_label), if they all name the same one: such records are skipped, not scored."""
+    found = []
+    for layer in layers.all_layers(net):
+        kind = layers.type_name(layer)
+        params = layer.loss_param if kind == "SoftmaxWithLoss" else layer.accuracy_param if kind == "Accuracy" \
+            else None
+        if params is not None:
+            found.append(params.ignore_label if params.HasField("ignore_label") else None)
+    return {found[0]} if found and found[0] is not None and len(set(found)) == 1 else set()
+
+
+def check_labels(scan: data_scan.DataScan, head_list: list, where: str, ignored: set[int] = frozenset()
+                 ) -> list[Problem]:
+    """Every label must lie in 0..num_output-1 of every head (Caffe only checks this in debug builds), except a
+    label that every loss and accuracy layer ignores."""
     if not scan.labels:
         return [error(f"the database {scan.source} is empty", where, "rebuild it from a non-empty image folder")]
     problems = []
-    high = max(scan.labels)
+    high = max(label for label in scan.labels if label not in ignored) if set(scan.labels) - ignored else 0
     for head in head_list:
-        bad = sorted(label for label in scan.labels if label < 0 or label >= head.num_output)
+        bad = sorted(label for label in scan.labels if (label < 0 or label >= head.num_output)
+                     and label not in ignored)
         if bad:
             shown = ", ".join(map(str, bad[:8])) + (" ..." if len(bad) > 8 else "")
             problems.append(error(
@@ -142,6 +158,25 @@ def check_transposed(scan: data_scan.DataScan, where: str) -> list[Problem]:
                   "rebuild the database with `caffetune build-lmdb`, or transpose each image to C x H x W "
                   "(image.transpose(2, 0, 1)) before caffe.io.array_to_datum",
                   "caffe reads every Datum as C x H x W: conv1 would see one 'channel' per image row")]
+
+
+def check_pixels(scan: data_scan.DataScan, where: str) -> list[Problem]:
+    """Raw records whose pixels are all 0/1 (images of floats in [0, 1] cast to bytes) or of one grey level each,
+    judged from a sample of PIXEL_SAMPLE records spread over the database."""
+    sampled = scan.pixel_sampled
+    if sampled < 2:
+        return []
+    note = f"the {sampled} records sampled of {scan.count}"
+    why = "the net sees no image content: the loss stays near -log(1/classes) and the accuracy at chance"
+    if scan.pixel_max <= 1:
+        return [error(f"the pixels of {scan.source} are all 0 or 1 ({note})", where,
+                      "store bytes 0..255: multiply images of floats in [0, 1] by 255 before casting to uint8 (or "
+                      "rebuild with `caffetune build-lmdb` from the image files)", why)]
+    if scan.flat_records == sampled:
+        return [error(f"every image of {scan.source} is a single grey level ({note})", where,
+                      "rebuild the database from the image files (`caffetune build-lmdb`); check the script that "
+                      "wrote it", why)]
+    return []
 
 
 def _effective_sizes(scan: data_scan.DataScan, params: Message) -> dict:
@@ -299,10 +334,10 @@ def _data_layer(run: Run, name: str, layer: Message, scans: _Scans) -> tuple[dat
     if failure is not None:
         return None, [error(f"cannot read the database: {failure.what}", failure.where or where, failure.fix or "")]
     net, params = run.nets[name], layer.transform_param
-    problems = check_labels(scan, _heads(net), where)
+    problems = check_labels(scan, _heads(net), where, ignored_labels(net))
     if not scan.count:
         return scan, problems
-    found = check_transposed(scan, where)
+    found = check_transposed(scan, where) + check_pixels(scan, where)
     if found:
         return scan, problems + found
     sizes = _effective_sizes(scan, params)
@@ -334,7 +369,7 @@ def _image_data_layer(run: Run, name: str, layer: Message, scans: _Scans) -> tup
     problems = check_list_scan(scan, params, where)
     if not scan.count:
         return scan, problems
-    problems += check_labels(scan, _heads(run.nets[name]), where)
+    problems += check_labels(scan, _heads(run.nets[name]), where, ignored_labels(run.nets[name]))
     channels = 3 if params.is_color else 1
     sizes = {(channels, params.new_height, params.new_width): (f"{source}:1", scan.count)} if resized else \
         dict(scan.sizes)
@@ -348,43 +383,6 @@ def _image_data_layer(run: Run, name: str, layer: Message, scans: _Scans) -> tup
     return scan, problems
 
 
-def check_hdf5_source(layer: Message, where: str, limit: int = 10000) -> list[Problem]:
-    """HDF5Data's source is a text file listing .h5 files (one per line), read from caffe's working directory (the
-    run directory). Reads at most `limit` lines; only stat()s the files."""
-    source = Path(layer.hdf5_data_param.source)
-    if not source.is_file():
-        return [error(f"HDF5Data source {source} does not exist", where, "write a text file listing the .h5 files, "
-                      "one absolute path per line, and point source at it",
-                      "caffe aborts with `Failed to open source file`")]
-    with open(source, "rb") as handle:
-        if handle.read(8) == b"\x89HDF\r\n\x1a\n":
-            return [error(f"HDF5Data source {source} is an HDF5 file, not the list of HDF5 files caffe expects",
-                          where, f"write its absolute path into a text file (echo {source.resolve()} > "
-                          f"{source.with_suffix('.txt').name}) and set source to that file",
-                          "caffe reads source as text lines naming .h5 files: it aborts with `Failed opening HDF5 "
-                          "file` on a line of binary")]
-    lines = []
-    with open(source, encoding="utf-8", errors="replace") as handle:
-        for number, line in enumerate(handle, 1):
-            if number > limit:
-                break
-            if line.strip():
-                lines.append((number, line.strip()))
-    relative = [(number, name) for number, name in lines if not Path(name).is_absolute()]
-    missing = [(number, name) for number, name in lines if Path(name).is_absolute() and not Path(name).is_file()]
-    if not lines:
-        return [error(f"HDF5Data source {source} lists no file", where, "list the .h5 files, one per line",
-                      "caffe aborts with `Must have at least 1 HDF5 filename listed`")]
-    for found, what in ((relative, "relative paths (caffe reads them from the run directory it is started in)"),
-                        (missing, "files that do not exist")):
-        if found:
-            number, name = found[0]
-            return [error(f"{len(found)} of the {len(lines)} files listed in {source} are {what}: e.g. "
-                          f"{source}:{number}: {name}", where, "write the absolute path of each .h5 file",
-                          "caffe aborts with `Failed opening HDF5 file` when it reaches one")]
-    return []
-
-
 def check_data(run: Run) -> list[Problem]:
     """Every Data and ImageData layer of every net; records each scan in run.scans for the later checks."""
     problems, scans = [], _Scans()
@@ -392,7 +390,7 @@ def check_data(run: Run) -> list[Problem]:
         for layer in layers.all_layers(net):
             kind = layers.type_name(layer)
             if kind == "HDF5Data":
-                problems += check_hdf5_source(layer, layer_where(name, layer))
+                problems += checks_hdf5.check_hdf5_source(layer, layer_where(name, layer))
             if kind not in ("Data", "ImageData"):
                 continue
             read = _data_layer if kind == "Data" else _image_data_layer

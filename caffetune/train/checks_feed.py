@@ -2,7 +2,9 @@
 
 - an Input or MemoryData layer in a net `caffe train` builds: nothing fills it (a deploy net given to train);
 - a TRAIN net without a loss (caffe reports loss = 0 and updates nothing);
-- training labels of a single class, or labels that skip classes (e.g. numbered from 1);
+- a data layer without batch_size;
+- training labels of a single class, or labels that skip classes (e.g. numbered from 1); a TEST phase reading the
+  training set, or a validation set of one class;
 - TRAIN and TEST data layers that preprocess differently (scale, mean): the test numbers measure other inputs;
 - mean_value that is the ImageNet mean in R, G, B order while caffe's images are B, G, R.
 Everything here reads the parsed nets, the dataset scans already made (run.scans) and the pycaffe builds' loss
@@ -10,17 +12,22 @@ weights (run.loss_blobs); nothing is read again.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from google.protobuf.message import Message
 
 from caffetune.errors import Problem
 from caffetune.model import heads as heads_module
 from caffetune.model import layers
+from caffetune.train import checks_data
 from caffetune.train.checks_common import Run, error, layer_where, plural, warning
 
 _UNFED = {"Input": "caffe train never fills an Input layer: the net trains on whatever memory the blob holds "
                    "(zeros), and the labels are as meaningless",
           "MemoryData": "caffe train never gives a MemoryData layer its arrays: it stops at the first iteration "
                         "with `MemoryDataLayer needs to be initialized by calling Reset`"}
+_PARAM_FIELDS = {"Data": "data_param", "ImageData": "image_data_param", "HDF5Data": "hdf5_data_param",
+                 "MemoryData": "memory_data_param", "WindowData": "window_data_param"}
 _TRANSFORMING = ("Data", "ImageData", "WindowData", "MemoryData")   # the layers that apply transform_param
 _TRANSFORM_FIELDS = ("scale", "mean_file", "mean_value", "force_color", "force_gray")
 DERIVE = "`caffetune rewrite --classes N --train-source ... --val-source ...` writes a train_val net from it"
@@ -48,6 +55,23 @@ def check_unfed_inputs(run: Run) -> list[Problem]:
                                   "caffe train does not feed", name,
                                   f"give the training net a data layer (this is a deploy net: {DERIVE})",
                                   _UNFED["Input"].replace("an Input layer", "net-level inputs")))
+    return problems
+
+
+def check_batch_sizes(run: Run) -> list[Problem]:
+    """A data layer without batch_size (it has no default: 0) gives empty batches."""
+    problems, seen = [], set()
+    for name in run.nets:
+        for layer in (entry for phase in run.phases(name) for entry in run.layers_in(name, phase)):
+            params = layers.param_message(layer)
+            if (layers.type_name(layer) not in layers.DATA_TYPES or params is None or (name, id(layer)) in seen
+                    or "batch_size" not in params.DESCRIPTOR.fields_by_name or params.batch_size > 0):
+                continue
+            seen.add((name, id(layer)))
+            field_name = _PARAM_FIELDS.get(layers.type_name(layer), "data layer's parameters")
+            problems.append(error(f"data layer {layer.name} has no batch_size (it has no default: 0)",
+                                  layer_where(name, layer), f"set batch_size in its {field_name}",
+                                  "caffe builds a batch of 0 images and stops with `Check failed: data_`"))
     return problems
 
 
@@ -92,11 +116,12 @@ def check_label_classes(run: Run) -> list[Problem]:
     for name, net in run.nets.items():
         scan = run.scan_for(name, "TRAIN") if "TRAIN" in run.phases(name) else None
         heads = heads_module.traced_heads(net)
-        if scan is None or not scan.labels or not heads or min(scan.labels) < 0:
+        labels = set(scan.labels) - checks_data.ignored_labels(net) if scan is not None else set()
+        if not labels or not heads or min(labels) < 0:
             continue
         where = f"{name}: {scan.source}"
-        if len(scan.labels) == 1:
-            label = next(iter(scan.labels))
+        if len(labels) == 1:
+            label = next(iter(labels))
             problems.append(error(
                 f"every one of the {scan.count} training records has label {label}", where,
                 "rebuild the training set with one label per class (`caffetune build-lmdb` numbers the class "
@@ -104,16 +129,47 @@ def check_label_classes(run: Run) -> list[Problem]:
                 f"the net learns to answer {label} whatever the image: the loss drops to 0 and the accuracy is the "
                 f"share of class {label} in the validation set"))
             continue
-        missing = sorted(set(range(max(scan.labels) + 1)) - set(scan.labels))
+        missing = sorted(set(range(max(labels) + 1)) - labels)
         if missing:
             shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
             start = " (the labels start at 1)" if missing == [0] else ""
             problems.append(warning(
                 f"the training labels skip {plural(len(missing), 'class')}: {shown}{start}; they run from "
-                f"{min(scan.labels)} to {max(scan.labels)} over {len(scan.labels)} classes", where,
+                f"{min(labels)} to {max(labels)} over {len(labels)} classes", where,
                 "number the classes 0..N-1 without gaps and set num_output to N",
                 "caffe's label is the index of the score: a class no image has still takes an output, and labels "
                 "numbered from 1 shift every class by one against a label file or a pretrained head"))
+    return problems
+
+
+def _test_only(run: Run, name: str, layer_name: str) -> bool:
+    """Whether the TEST data is a layer of its own (include { phase: TEST }, or a test_net file), not the training
+    layer that also runs in TEST."""
+    return run.role(name) == "test_net" or any(layer.name == layer_name and layers.phases(layer) == {"TEST"}
+                                               for layer in run.layers_in(name, "TEST"))
+
+
+def check_validation_set(run: Run) -> list[Problem]:
+    """The TEST data layer reading the training set itself, or a validation set of one class only."""
+    problems, train_sources = [], {}
+    for (name, _layer, phase), scan in run.scans.items():
+        if phase == "TRAIN" and scan is not None:
+            train_sources[Path(scan.source).resolve()] = name
+    for (name, layer_name, phase), scan in run.scans.items():
+        if phase != "TEST" or scan is None or not _test_only(run, name, layer_name):
+            continue
+        where = f"{name}: layer {layer_name} (TEST)"
+        if Path(scan.source).resolve() in train_sources:
+            problems.append(warning(
+                f"the TEST phase reads the training set {scan.source}", where,
+                "hold out a validation set (`caffetune build-lmdb --val-fraction`) and point the TEST layer at it",
+                "the test accuracy then measures how well the net remembers its training images: it cannot show "
+                "overfitting, and best.caffemodel and early stopping follow it"))
+        elif len(scan.labels) == 1 and scan.count > 1 and heads_module.traced_heads(run.nets[name]):
+            problems.append(warning(
+                f"every one of the {scan.count} validation records has label {next(iter(scan.labels))}", where,
+                "build the validation set from every class (a list without labels reads as all 0)",
+                "the test accuracy only measures that class: a net answering it always scores 1"))
     return problems
 
 
@@ -189,4 +245,5 @@ def check_mean_order(run: Run) -> list[Problem]:
 
 def check_feed(run: Run) -> list[Problem]:
     """Every check of this module that needs no build (check_loss runs after the builds)."""
-    return check_unfed_inputs(run) + check_label_classes(run) + check_transform_phases(run) + check_mean_order(run)
+    return (check_unfed_inputs(run) + check_batch_sizes(run) + check_label_classes(run) +
+            check_transform_phases(run) + check_mean_order(run) + check_validation_set(run))

@@ -3,7 +3,9 @@
 - same-named layers must agree in blob count and shapes, or caffe stops while copying;
 - weights that are constant (all zero: saved from a net without fillers) cannot be fine-tuned;
 - a head that kept its pretrained name and size while the data has fewer classes: the old class weights are copied
-  silently and the softmax keeps the old classes.
+  silently and the softmax keeps the old classes;
+- weights that match no layer (nothing copied); a weights file that is an LFS pointer, an HTML page, a prototxt;
+- layers that start from their fillers frozen (lr_mult 0), and BatchNorm using zero stored statistics in TRAIN.
 Blob values are read only for the weight blob of each copied Convolution/InnerProduct/Deconvolution layer, as a
 zero-copy view of the .caffemodel (one min/max pass over it).
 """
@@ -33,8 +35,32 @@ def read_pretrained(paths: list[Path]) -> tuple[dict, list[Problem]]:
         try:
             merged.update({record.name: record.blobs for record in caffemodels.read_layers(path)})
         except CaffetuneError as failure:
-            problems.append(error(failure.what, str(path), failure.fix or "pass a .caffemodel written by Caffe"))
+            problems.append(_unreadable(Path(path), failure))
     return merged, problems
+
+
+def _unreadable(path: Path, failure: CaffetuneError) -> Problem:
+    """A weights file caffe cannot parse, saying what it is when that can be told from its first bytes (a Git LFS
+    pointer, an HTML page from a failed download, a text prototxt) or that it ends early."""
+    with open(path, "rb") as handle:
+        head = handle.read(512)
+    text = head.lower()
+    why = "caffe stops with `Failed to parse NetParameter file` when it loads the weights"
+    if text.startswith(b"version https://git-lfs"):
+        return error(f"weights file {path} is a Git LFS pointer ({path.stat().st_size} bytes), not the weights",
+                     str(path), "fetch the real file: `git lfs pull` in its repository (or download it directly)", why)
+    if b"<html" in text or b"<!doctype" in text:
+        return error(f"weights file {path} is an HTML page (a failed or redirected download), not a .caffemodel",
+                     str(path), "download the .caffemodel again (from Google Drive: use the confirm link, or gdown)",
+                     "caffe's parser reads the leading `<` as the end of an empty net: it copies nothing and trains "
+                     "from scratch without a word (other pages stop it with `Failed to parse NetParameter file`)")
+    if head and all(32 <= byte < 127 or byte in b"\t\r\n" for byte in head) and (b"layer" in head or b"name" in head):
+        return error(f"weights file {path} is a text file (a .prototxt?), not binary weights", str(path),
+                     "pass the binary .caffemodel to --weights; the .prototxt describes the net", why)
+    ends_early = "past the end" in failure.what
+    return error(failure.what + (": the file ends early (an incomplete download or copy?)" if ends_early else ""),
+                 str(path), "download or copy the .caffemodel again" if ends_early else
+                 (failure.fix or "pass a .caffemodel written by Caffe"), why)
 
 
 def _legacy(shape) -> tuple:
@@ -211,4 +237,29 @@ def check_frozen_fillers(run: Run, scratch: list[str]) -> list[Problem]:
                 "a frozen layer keeps its random initial weights for the whole run" +
                 (": the classifier never learns and the accuracy stays at chance" if head else
                  ": every layer after it sees a fixed random projection")))
+    return problems
+
+
+def check_global_stats_from_scratch(run: Run, scratch: list[str]) -> list[Problem]:
+    """BatchNorm using its stored statistics in TRAIN (use_global_stats: true, as deploy nets set it) while it is not
+    in the weights: the statistics start at zero and are never updated, so the layer divides by sqrt(eps)."""
+    problems = []
+    starting = set(scratch) if run.pretrained else None
+    for name in run.nets:
+        if "TRAIN" not in run.phases(name):
+            continue
+        found = [layer for layer in run.layers_in(name, "TRAIN") if layers.type_name(layer) == "BatchNorm"
+                 and layer.batch_norm_param.HasField("use_global_stats") and layer.batch_norm_param.use_global_stats
+                 and (starting is None or layer.name in starting)]
+        if found:
+            shown = ", ".join(layer.name for layer in found[:4]) + (" ..." if len(found) > 4 else "")
+            origin = "are not in the weights" if run.pretrained else "start from zero statistics (no weights)"
+            eps = found[0].batch_norm_param.eps or 1e-5
+            problems.append(error(
+                f"{len(found)} BatchNorm layer(s) ({shown}) use their stored statistics in TRAIN "
+                f"(use_global_stats: true) but {origin}", f"{name}: layer {found[0].name} (TRAIN)",
+                "remove use_global_stats from the TRAIN net (it then computes batch statistics and learns the "
+                "running averages), or copy these layers from weights that have their statistics",
+                f"the stored mean and variance are zero and are not updated in this mode: each layer multiplies its "
+                f"input by 1/sqrt(eps) = {eps ** -0.5:.0f}, and the loss explodes"))
     return problems

@@ -23,6 +23,7 @@ from caffetune.errors import DatasetError
 from caffetune.model import caffemodels, schema
 
 ENCODED_SIZE_SAMPLE = 2000   # encoded LMDB records whose header is read for their size
+PIXEL_SAMPLE = 32           # raw LMDB records whose pixels are read (min/max), spread evenly over the database
 LIST_SIZE_SAMPLE = 1000      # listed images whose header is read for their size (lists without resize)
 HEADER_BYTES = 1 << 18       # bytes of an encoded image given to Pillow (JPEG headers with EXIF fit easily)
 _GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
@@ -44,6 +45,9 @@ class DataScan:
     missing_count: int = 0
     bad_lines: list = field(default_factory=list)  # list: (line number, why) of lines caffe misreads (first 5)
     bad_count: int = 0
+    pixel_sampled: int = 0                      # raw records whose pixels were read
+    pixel_max: int = 0                          # the largest pixel value among them
+    flat_records: int = 0                       # of them, records of one grey level (all pixels equal)
     relative: list = field(default_factory=list)   # list: (line number, path) of relative image paths (first 5)
     relative_count: int = 0
 
@@ -64,6 +68,16 @@ class DataScan:
         self.labels[label] += 1
         if label != previous:
             self.runs += 1
+
+    def _pixels(self, data) -> None:
+        import numpy as np
+
+        pixels = np.frombuffer(data, np.uint8)
+        if pixels.size:
+            self.pixel_sampled += 1
+            low, high = int(pixels.min()), int(pixels.max())
+            self.pixel_max = max(self.pixel_max, high)
+            self.flat_records += low == high
 
     def _size(self, shape: tuple[int, int, int], where: str) -> None:
         self.sized += 1
@@ -115,7 +129,9 @@ def scan_lmdb(path: Path | str) -> DataScan:
     scan = DataScan(source=path, kind="lmdb")
     env = lmdb_reader.open_readonly(path)
     try:
-        stride = max(1, math.ceil(env.stat()["entries"] / ENCODED_SIZE_SAMPLE))
+        entries = env.stat()["entries"]
+        stride = max(1, math.ceil(entries / ENCODED_SIZE_SAMPLE))
+        pixel_stride = max(1, math.ceil(entries / PIXEL_SAMPLE))
         previous = None
         with env.begin(buffers=True) as txn:
             for index, (key, value) in enumerate(txn.cursor()):
@@ -137,6 +153,8 @@ def scan_lmdb(path: Path | str) -> DataScan:
                             scan._size(shape, _key(key))
                 else:
                     scan._size((found["channels"], found["height"], found["width"]), _key(key))
+                    if index % pixel_stride == 0 and "data" in found:
+                        scan._pixels(value[found["data"][0]:found["data"][1]])
     finally:
         env.close()
     return scan

@@ -7,6 +7,7 @@ unless strict) and the facts worth printing (which layers are copied from the we
 why it matters, the fix and its cost. The checks live by topic:
 
 - checks_data: data layers against their datasets (one streaming pass each, data_scan);
+- checks_hdf5: HDF5Data layers (the list of .h5 files and their datasets);
 - checks_net: the nets (phases, Python layers, frozen layers, BatchNorm on batches of one);
 - checks_solver: the solver (testing, coverage, base_lr) and the files to start from;
 - checks_weights: the pretrained weights against the nets (and whether anything is copied or can learn);
@@ -136,4 +137,5 @@ def check(nets: dict[str, Message], *, weights: list[Path] = (), snapshot: Path 
         report.info += [f"copied from {source}: {', '.join(report.copied) or 'no layer'}",
                         f"from scratch (fillers): {', '.join(report.scratch) or 'no layer'}"]
     report.add(checks_weights.check_frozen_fillers(run, report.scratch))
+    report.add(checks_weights.check_global_stats_from_scratch(run, report.scratch))
     return report

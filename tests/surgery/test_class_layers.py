@@ -122,6 +122,14 @@ def test_rpn_only_net_is_refused_as_class_agnostic(fork):
     assert "class-agnostic objectness" in caught.value.what and "obj" in caught.value.what
 
 
+def test_rpn_training_stage_is_refused_naming_the_count_no_layer_reads(fork):
+    text = (DATA / "faster_like_train.prototxt").read_text().split("layer {\n  name: 'roi-data'")[0]
+    with pytest.raises(NetError) as caught:
+        rewrite.rewrite_text(text, rewrite.Options(classes=4, name="new"))
+    assert "class-agnostic objectness score (obj)" in caught.value.what
+    assert "input-data's 'num_classes': 5 sizes no layer" in caught.value.what
+
+
 def test_class_agnostic_box_regression_stays(fork):
     text = (DATA / "faster_like_train.prototxt").read_text()
     text = text.replace("num_output: 20 weight_filler", "num_output: 8 weight_filler").replace(
@@ -224,7 +232,8 @@ def test_plain_classifier_is_not_a_dense_net():
 
 
 @pytest.mark.parametrize("case, role", [("ssd_like_train", "train_val"), ("faster_like_train", "train_val"),
-                                        ("fcn_like_deploy", "deploy")])
+                                        ("fcn_like_deploy", "deploy"), ("refinedet_like_train", "train_val"),
+                                        ("deeplab_like_train", "train_val")])
 def test_golden(fork, case, role):
     result = _rewrite(f"{case}.prototxt", classes=3)
     expected = GOLDEN / f"{case}.prototxt"
@@ -378,3 +387,14 @@ def test_a_void_label_numbered_after_the_classes_is_kept_with_a_note(fork):
     result = _rewrite("segnet_like_train.prototxt", classes=3, class_weights=(1.0, 2.0, 3.0))
     assert _layer(_net(result), "loss").loss_param.ignore_label == 4
     assert any(note.startswith("kept loss: loss_param.ignore_label 4") for note in result.notes)
+
+
+def test_upsampled_scores_written_out_by_a_sink_layer_are_class_maps(fork):
+    text = (DATA / "deeplab_like_train.prototxt").read_text().split('layer { name: "label_shrink"')[0] + """
+layer { name: "zoom" type: "Interp" bottom: "fused" top: "zoom" interp_param { zoom_factor: 2 } }
+layer { name: "save" type: "HDF5Output" bottom: "zoom" bottom: "label" hdf5_output_param { file_name: "out.h5" } }
+"""
+    result = rewrite.rewrite_text(text, rewrite.Options(classes=3, name="new"))
+    assert [head.name for head in result.heads] == ["rate2", "rate4"] and list(result.outputs) == ["deploy"]
+    assert layers.num_output(_layer(_net(result, "deploy"), "rate2_new")) == 3
+    _again(result, 3, role="deploy")

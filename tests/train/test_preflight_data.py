@@ -2,8 +2,6 @@
 real Caffe shows what happens without the check. Good setups stay free of errors and warnings."""
 from __future__ import annotations
 
-import subprocess
-
 import cv2
 import numpy as np
 import pytest
@@ -268,36 +266,35 @@ def test_relative_image_paths_without_root_folder_are_an_error_and_caffe_cannot_
                                          f'source: "{train_list}" root_folder: "{tmp_path}/"')))
 
 
-HDF5_NET = """name: "h5"
-layer { name: "data" type: "HDF5Data" top: "data" top: "label" hdf5_data_param { source: "SOURCE" batch_size: 4 } }
-layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc" inner_product_param { num_output: 2 } }
-layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }
-"""
-
-
-def _h5(path):
-    import h5py
-
-    with h5py.File(path, "w") as handle:
-        handle["data"] = np.zeros((8, 3), np.float32)
-        handle["label"] = np.zeros(8, np.float32)
-    return path
-
-
-def test_an_hdf5_file_given_as_the_hdf5data_source_is_an_error_and_caffe_stops(tmp_path, caffe_install):
-    h5 = _h5(tmp_path / "train.h5")
-    text = HDF5_NET.replace("SOURCE", str(h5))
+# --- records with no image content ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("make, expected", [
+    (lambda rng: rng.random((3, 8, 8)).round().astype(np.uint8), "are all 0 or 1 (the 32 records sampled of 32)"),
+    (lambda rng: np.full((3, 8, 8), rng.integers(0, 256), np.uint8), "every image of"),
+])
+def test_records_without_image_content_are_an_error_and_caffe_trains_on_them(setup, caffe_install, make, expected):
+    folder, net, solver = setup
+    rng = np.random.default_rng(0)
+    source = write_records(folder / "blank", [(make(rng), index % 4) for index in range(32)])
+    text = _with_train_source(net, source)
     message = only(check_text(text).problems)
-    assert f"HDF5Data source {h5} is an HDF5 file, not the list of HDF5 files caffe expects" in message
-    assert f"echo {h5} > train.txt" in message
-    (tmp_path / "train_val.prototxt").write_text(text)
-    (tmp_path / "solver.prototxt").write_text(_solver(tmp_path).replace("test_iter: 2\ntest_interval: 100\n", ""))
-    env = dict(caffe_install.env(), GLOG_logtostderr="1")
-    result = subprocess.run([str(caffe_install.binary), "train", f"-solver={tmp_path / 'solver.prototxt'}"], env=env,
-                            capture_output=True, timeout=300)   # bytes: caffe logs the binary line as a file name
-    assert result.returncode != 0 and b"Failed opening HDF5 file: \x89HDF" in result.stderr
-    listing = tmp_path / "train_h5.txt"
-    listing.write_text(f"{h5}\n")
-    assert_clean(check_text(HDF5_NET.replace("SOURCE", str(listing))))
-    listing.write_text("train.h5\n")
-    assert "are relative paths" in only(check_text(HDF5_NET.replace("SOURCE", str(listing))).problems)
+    assert expected in message and "blank" in message
+    result = train(caffe_install, folder / "tiny", text, solver.read_text())
+    assert result.returncode == 0 and "Optimization Done" in result.stderr   # caffe does not notice
+
+
+def test_the_pixel_sample_is_bounded(setup, monkeypatch):
+    folder, net, _ = setup
+    monkeypatch.setattr(data_scan, "PIXEL_SAMPLE", 4)
+    scan = data_scan.scan_lmdb(net.parent / "train_lmdb")
+    assert scan.count == 32 and scan.pixel_sampled == 4 and scan.pixel_max > 1 and scan.flat_records == 0
+
+
+def test_a_data_layer_without_batch_size_is_an_error_and_caffe_stops(setup, caffe_install):
+    folder, net, solver = setup
+    text = edited(net, (f'source: "{net.parent / "train_lmdb"}" backend: LMDB batch_size: 8 }}',
+                        f'source: "{net.parent / "train_lmdb"}" backend: LMDB }}'))
+    message = only(check_text(text).problems)
+    assert "layer data (TRAIN): data layer data has no batch_size (it has no default: 0)" in message
+    assert "set batch_size in its data_param" in message
+    result = train(caffe_install, folder / "tiny", text, solver.read_text())
+    assert result.returncode != 0 and "Check failed: data_" in fatal_line(result)

@@ -173,3 +173,38 @@ def test_build_failures_name_the_layer_and_the_fix(setup, caffe_install, replace
     assert all(part in message for part in expected), message
     result = train(caffe_install, folder / "tiny", text, solver.read_text())
     assert result.returncode != 0 and fatal in fatal_line(result)
+
+
+# --- the validation set ---------------------------------------------------------------------------------------------
+def test_testing_on_the_training_set_is_a_warning(setup):
+    folder, net, solver = setup
+    text = edited(net, (str(folder / "tiny" / "test_lmdb"), str(folder / "tiny" / "train_lmdb")))
+    text = text.replace("test_iter: 2", "test_iter: 4")
+    report = check_text(text, solver_text=solver.read_text().replace("test_iter: 2", "test_iter: 4"))
+    assert report.problems == []
+    message = only(report.warnings)
+    assert "layer data (TEST): the TEST phase reads the training set" in message and "--val-fraction" in message
+
+
+def test_a_validation_set_of_one_class_is_a_warning(setup):
+    folder, net, solver = setup
+    write_tiny_lmdb(folder / "val_one", count=16, classes=1, seed=2)
+    text = edited(net, (str(folder / "tiny" / "test_lmdb"), str(folder / "val_one")))
+    report = check_text(text, solver_text=solver.read_text())
+    assert report.problems == []
+    assert "every one of the 16 validation records has label 0" in only(report.warnings)
+
+
+def test_a_label_every_loss_and_accuracy_ignores_is_accepted(setup, caffe_install):
+    folder, net, solver = setup
+    records = [(pixels, 255 if index % 8 == 7 else label) for index, (pixels, label)
+               in enumerate(_records(folder / "tiny" / "train_lmdb"))]
+    write_records(folder / "with_ignored", records)
+    text = edited(net, (str(folder / "tiny" / "train_lmdb"), str(folder / "with_ignored")))
+    message = only(check_text(text, solver_text=solver.read_text()).problems)
+    assert "labels 255 in" in message and "outside 0..3" in message
+    ignoring = text.replace('top: "loss" }', 'top: "loss" loss_param { ignore_label: 255 } }').replace(
+        'top: "accuracy" include', 'top: "accuracy" accuracy_param { ignore_label: 255 } include')
+    assert_clean(check_text(ignoring, caffe_install, solver_text=solver.read_text()))
+    result = train(caffe_install, folder / "tiny", ignoring, solver.read_text())
+    assert result.returncode == 0 and "Optimization Done" in result.stderr

@@ -2,6 +2,7 @@
 seeded into the good tiny setup; the real Caffe shows the failure the check prevents. Good setups stay clean."""
 from __future__ import annotations
 
+import re
 import sysconfig
 
 import cv2
@@ -248,3 +249,17 @@ def test_the_tiny_lmdb_helper_is_not_sorted(tmp_path):
 
     scan = data_scan.scan_lmdb(write_tiny_lmdb(tmp_path / "db", count=12))
     assert scan.runs == 12 and scan.sizes == {(3, 8, 8): ("00000000", 12)}
+
+
+def test_batch_norm_with_stored_statistics_from_scratch_is_an_error_and_its_loss_explodes(setup, caffe_install):
+    folder, net, solver = setup
+    trainable = edited(net, ('layer { name: "relu1"', BN_AFTER_CONV.replace("PARAMS", "")))
+    global_stats = BN_AFTER_CONV.replace("PARAMS", "batch_norm_param { use_global_stats: true }")
+    text = edited(net, ('layer { name: "relu1"', global_stats))
+    message = only(check_text(text, caffe_install, solver_text=solver.read_text()).problems)
+    assert "1 BatchNorm layer(s) (bn1) use their stored statistics in TRAIN (use_global_stats: true) but start " \
+           "from zero statistics (no weights)" in message and "1/sqrt(eps) = 316" in message
+    result = train(caffe_install, folder / "tiny", text, solver.read_text())
+    first = float(re.search(r"Iteration 0 \(.*\), loss = (\S+)", result.stderr).group(1))
+    assert result.returncode == 0 and first > 10   # chance level is ln(4) = 1.39
+    assert_clean(check_text(trainable, caffe_install, solver_text=solver.read_text()))

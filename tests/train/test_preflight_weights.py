@@ -136,3 +136,35 @@ def test_a_frozen_bilinear_upsampling_layer_is_clean(setup, caffe_install):
     text = edited(net, ('layer { name: "fc" type: "InnerProduct" bottom: "conv1"',
                         upsample + 'layer { name: "fc" type: "InnerProduct" bottom: "up"'))
     assert_clean(check_text(text, caffe_install, solver_text=solver.read_text()))
+
+
+# --- weights files caffe cannot parse -------------------------------------------------------------------------------
+LFS_POINTER = ("version https://git-lfs.github.com/spec/v1\noid sha256:"
+               "4c8d1b4b2a3e9f0c1d2e3f405162738495a6b7c8d9e0f1a2b3c4d5e6f708192a\nsize 243862418\n")
+
+
+@pytest.mark.parametrize("content, expected, parsed", [
+    (LFS_POINTER, f"is a Git LFS pointer ({len(LFS_POINTER)} bytes), not the weights", False),
+    ("<!DOCTYPE html><html><head><title>Google Drive - Virus scan warning</title>", "is an HTML page", True),
+    ('name: "CaffeNet"\nlayer { name: "data" type: "Input" top: "data" }\n', "is a text file (a .prototxt?)", False),
+])
+def test_a_weights_file_that_is_not_weights_says_what_it_is(setup, caffe_install, content, expected, parsed):
+    folder, net, solver = setup
+    weights = folder / "model.caffemodel"
+    weights.write_text(content)
+    message = only(check_text(net.read_text(), weights=[weights]).problems)
+    assert f"weights file {weights} {expected}" in message and "Failed to parse NetParameter file" in message
+    result = train(caffe_install, folder / "tiny", net.read_text(), solver.read_text(), f"-weights={weights}")
+    if parsed:   # worse than a crash: caffe reads an empty net, copies nothing and trains from scratch
+        assert result.returncode == 0 and "Optimization Done" in result.stderr
+    else:
+        assert result.returncode != 0 and "Failed to parse NetParameter file" in fatal_line(result)
+
+
+def test_a_truncated_weights_file_is_called_an_incomplete_download(setup, caffe_install):
+    folder, net, _ = setup
+    weights = _weights(caffe_install, folder, net.read_text(), "full")
+    weights.write_bytes(weights.read_bytes()[:300])
+    message = only(check_text(net.read_text(), weights=[weights]).problems)
+    assert "the file ends early (an incomplete download or copy?)" in message
+    assert "download or copy the .caffemodel again" in message
