@@ -127,9 +127,11 @@ def main() -> int:
     out = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="bench-cache-"))
     try:
         solver, weights = prepare(out)
-        load = os.getloadavg()[0]
+        loads = [os.getloadavg()[0]]
         plain_s, plain = timed_run(solver, weights, out / "runs", "plain", False)
+        loads.append(os.getloadavg()[0])
         cold_s, cold = timed_run(solver, weights, out / "runs", "cached", True)
+        loads.append(os.getloadavg()[0])
         warm_s, warm = timed_run(solver, weights, out / "runs", "cached-again", True)
         record = cached_run.load(cold.run_dir).record
         pass_s = record["cache"]["pass_seconds"]
@@ -137,7 +139,8 @@ def main() -> int:
         orientations = 2 if record["mirror"] else 1
         floor_s = pass_s * (images["TRAIN"] + images["TEST"]) / (orientations * images["TRAIN"] + images["TEST"])
         print(f"open_nsfw ResNet-50-1by2, backbone frozen, {10 * PER_CLASS} images at 224 px, {EPOCHS} epochs of "
-              f"batch {BATCH}; load average {load:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+              f"batch {BATCH}; load average {' -> '.join(f'{x:.1f}' for x in loads)} (before, after plain, after "
+              f"cached) on {os.cpu_count()} cores")
         print(f"  plain run            {plain_s:7.1f} s   final val accuracy {final_accuracy(plain)}")
         print(f"  cached run (cold)    {cold_s:7.1f} s   final val accuracy {final_accuracy(cold)}   "
               f"(feature pass {pass_s:.1f} s, cache {record['cache']['bytes'] / 1e6:.1f} MB)")

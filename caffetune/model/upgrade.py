@@ -199,20 +199,26 @@ def v1_to_current(net: Message) -> Message:
     return result
 
 
+def _written(message: Message, name: str) -> list:
+    """A repeated field's values, or [] where this schema's message has no such field."""
+    return list(getattr(message, name)) if name in message.DESCRIPTOR.fields_by_name else []
+
+
 def _param_specs(old: Message, new: Message) -> None:
-    count = max(len(old.param), len(old.blob_share_mode), len(old.blobs_lr), len(old.weight_decay))
-    for index in range(count):
+    """V1's per-blob lists (param names, blob_share_mode, blobs_lr, weight_decay) -> `param {}` specs."""
+    names, modes = _written(old, "param"), _written(old, "blob_share_mode")
+    rates, decays = _written(old, "blobs_lr"), _written(old, "weight_decay")
+    for index in range(max(len(names), len(modes), len(rates), len(decays))):
         spec = new.param.add()
-        if index < len(old.param):
-            spec.name = old.param[index]
-        if index < len(old.blob_share_mode):
-            mode = old.DESCRIPTOR.fields_by_name["blob_share_mode"].enum_type.values_by_number[
-                old.blob_share_mode[index]].name
+        if index < len(names):
+            spec.name = names[index]
+        if index < len(modes):
+            mode = old.DESCRIPTOR.fields_by_name["blob_share_mode"].enum_type.values_by_number[modes[index]].name
             spec.share_mode = spec.DESCRIPTOR.fields_by_name["share_mode"].enum_type.values_by_name[mode].number
-        if index < len(old.blobs_lr):
-            spec.lr_mult = old.blobs_lr[index]
-        if index < len(old.weight_decay):
-            spec.decay_mult = old.weight_decay[index]
+        if index < len(rates):
+            spec.lr_mult = rates[index]
+        if index < len(decays):
+            spec.decay_mult = decays[index]
 
 
 def upgrade_input(net: Message) -> Message:

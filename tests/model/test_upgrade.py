@@ -114,3 +114,10 @@ def test_read_net_upgrades_v0_text_keeping_comments():
     written, net, notes = upgrade.read_net(text, "lenet_v0.prototxt")
     assert prototxt.parse(written) == net and "V0 net" in notes[0]
     assert "# the classifier" in written and "# 2014's V0 format" in written
+
+
+@pytest.mark.parametrize("name", ["lenet_v1.prototxt", "rcnn_v1_deploy.prototxt"])
+def test_v1_step_equals_caffes_upgrade_of_v1_nets(name, caffe_install, tmp_path):
+    text = (DATA / name).read_text()
+    ours = upgrade.upgrade_input(upgrade.v1_to_current(prototxt.parse(text)))
+    assert ours == caffe_upgrade(caffe_install, text, tmp_path)
