@@ -203,8 +203,11 @@ def deploy_from_train_val(net: Message, heads: list[Head]) -> Message:
     if existing is not None:     # the net's own Softmax on the scores stays the output (no second `prob`)
         body = _needed_layers(body, {existing.top[0]})
     else:
-        prob = _new_layer(result, "Softmax", "prob", [score], ["prob"])
-        body = _needed_layers(body + [prob], {"prob"})
+        taken = {name for layer in body for name in [layer.name, *layer.top]}
+        name = next(f"prob{suffix}" for suffix in ["", *(f"_{n}" for n in range(1, len(taken) + 2))]
+                    if f"prob{suffix}" not in taken)       # another layer may already write `prob`
+        prob = _new_layer(result, "Softmax", name, [score], [name])
+        body = _needed_layers(body + [prob], {name})
     dims = [1, channels, height, width]
     layer_fields = result.DESCRIPTOR.fields_by_name["layer"].message_type.fields_by_name
     if layers.is_v1(net) or "input_param" not in layer_fields:

@@ -4,7 +4,7 @@
 - a TRAIN net without a loss (caffe reports loss = 0 and updates nothing);
 - a data layer without batch_size;
 - training labels of a single class, or labels that skip classes (e.g. numbered from 1); a TEST phase reading the
-  training set, or a validation set of one class;
+  training set, or a validation set of one class; paired Data layers (images, labels) of different lengths;
 - TRAIN and TEST data layers that preprocess differently (scale, mean): the test numbers measure other inputs;
 - mean_value that is the ImageNet mean in R, G, B order while caffe's images are B, G, R.
 Everything here reads the parsed nets, the dataset scans already made (run.scans) and the pycaffe builds' loss
@@ -173,6 +173,28 @@ def check_validation_set(run: Run) -> list[Problem]:
     return problems
 
 
+def check_paired_databases(run: Run) -> list[Problem]:
+    """Two or more Data layers in one phase (images and labels in separate LMDBs, as for segmentation) are read in
+    lockstep: databases of different lengths drift apart when the shorter one wraps around."""
+    problems = []
+    for name in run.nets:
+        for phase in run.phases(name):
+            found = {}
+            for layer in run.layers_in(name, phase):
+                scan = run.scans.get((name, layer.name, phase))
+                if layers.type_name(layer) == "Data" and scan is not None and scan.count:
+                    found.setdefault(Path(scan.source).resolve(), (layer.name, scan.count))
+            if len({count for _layer, count in found.values()}) > 1:
+                shown = ", ".join(f"{layer} {count}" for layer, count in found.values())
+                problems.append(warning(
+                    f"the {phase} Data layers read databases of different lengths ({shown} records)",
+                    f"{name}: {phase}", "build them from the same list, in the same order, so that record i of "
+                    "each belongs to the same image",
+                    "caffe reads them in lockstep and each wraps around at its own end: from then on every image "
+                    "is paired with another image's label"))
+    return problems
+
+
 # --- preprocessing ------------------------------------------------------------------------------------------------
 def _transformed(run: Run) -> dict:
     """(data top) -> phase -> (file, layer) of the layers with a transform_param, in every file."""
@@ -246,4 +268,5 @@ def check_mean_order(run: Run) -> list[Problem]:
 def check_feed(run: Run) -> list[Problem]:
     """Every check of this module that needs no build (check_loss runs after the builds)."""
     return (check_unfed_inputs(run) + check_batch_sizes(run) + check_label_classes(run) +
-            check_transform_phases(run) + check_mean_order(run) + check_validation_set(run))
+            check_transform_phases(run) + check_mean_order(run) + check_validation_set(run) +
+            check_paired_databases(run))

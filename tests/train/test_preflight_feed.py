@@ -208,3 +208,17 @@ def test_a_label_every_loss_and_accuracy_ignores_is_accepted(setup, caffe_instal
     assert_clean(check_text(ignoring, caffe_install, solver_text=solver.read_text()))
     result = train(caffe_install, folder / "tiny", ignoring, solver.read_text())
     assert result.returncode == 0 and "Optimization Done" in result.stderr
+
+
+def test_paired_databases_of_different_lengths_are_a_warning(setup):
+    folder, net, solver = setup
+    write_tiny_lmdb(folder / "labels_lmdb", count=30, seed=3)
+    label_layer = ('layer { name: "labels" type: "Data" top: "pixel_label" top: "unused" include { phase: TRAIN }\n'
+                   f'  data_param {{ source: "{folder / "labels_lmdb"}" backend: LMDB batch_size: 8 }} }}\n'
+                   'layer { name: "silence" type: "Silence" bottom: "pixel_label" bottom: "unused" '
+                   'include { phase: TRAIN } }\n')
+    text = edited(net, ('layer { name: "conv1"', label_layer + 'layer { name: "conv1"'))
+    report = check_text(text, solver_text=solver.read_text())
+    assert report.problems == []
+    assert "the TRAIN Data layers read databases of different lengths (data 32, labels 30 records)" in \
+        only(report.warnings)

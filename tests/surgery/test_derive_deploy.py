@@ -1,5 +1,6 @@
-"""Deploy nets under fork schemas that predate the Input layer (py-faster-rcnn's, TSN's caffe.proto): the deploy
-input is written as `input:` + `input_shape` (or `input_dim` where even that is missing), never a traceback."""
+"""Deriving deploy nets. Under fork schemas that predate the Input layer (py-faster-rcnn's, TSN's caffe.proto) the
+deploy input is written as `input:` + `input_shape` (or `input_dim` where even that is missing), never a traceback;
+the output Softmax never clashes with a blob the net already has."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -60,3 +61,13 @@ def test_rewrite_round_trip_under_the_fork_is_stable(no_input_layer):
     deploy = prototxt.parse(second.outputs["deploy"].text)
     assert list(deploy.input) == ["data"] and list(deploy.input_shape[0].dim) == [1, 3, 8, 8]
     assert [head.name for head in heads.find_heads(deploy)] == ["fc6_ft"]
+
+
+def test_the_deploy_softmax_never_clashes_with_an_existing_prob():
+    """A train_val whose `prob` blob is something else (here an auxiliary Softmax) gets `prob_1` for its scores."""
+    text = (DATA / "two_stream_train_val.prototxt").read_text().replace(
+        '# late fusion', 'layer { name: "prob" type: "Softmax" bottom: "fc8_rgb" top: "prob" }\n# late fusion').replace(
+        'data_param { source: "val_lmdb"', 'transform_param { crop_size: 8 } data_param { source: "val_lmdb"')
+    net = prototxt.parse(text)
+    deploy = derive.deploy_from_train_val(net, heads.find_heads(net, names=["fc8_rgb", "fc8_flow"]))
+    assert [(layer.name, list(layer.bottom)) for layer in deploy.layer][-1] == ("prob_1", ["fusion"])
