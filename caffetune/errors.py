@@ -81,6 +81,14 @@ class DownloadError(CaffetuneError):
     """A pretrained model could not be downloaded, or its checksum does not match the pinned one."""
 
 
+class DivergedError(RunError):
+    """The run's watchdog stopped caffe: the loss became NaN/inf or stuck at -log(FLT_MIN) (the net diverged)."""
+
+    def __init__(self, what: str, *, where: str | None = None, fix: str | None = None, iteration: int | None = None):
+        super().__init__(what, where=where, fix=fix)
+        self.iteration = iteration      # the iteration of the display that tripped the watchdog
+
+
 class RunInterrupted(RunError):
     """caffe train was stopped by Ctrl-C before it could write a snapshot."""
 

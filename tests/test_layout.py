@@ -85,3 +85,21 @@ def test_every_subpackage_says_what_it_owns():
         init = package / "__init__.py"
         if package.is_dir() and init.is_file() and package.name != "_generated":
             assert ast.get_docstring(ast.parse(init.read_text())), f"{init} has no docstring"
+
+
+def test_each_subpackage_names_its_public_modules_and_imports_them_only_on_use():
+    import subprocess
+    import sys
+
+    packages = ["model", "data", "surgery", "transfer", "train", "report", "demo"]
+    for name in packages:
+        init = PACKAGE / name / "__init__.py"
+        public = next(node.value for node in ast.parse(init.read_text()).body if isinstance(node, ast.Assign)
+                      and any(getattr(target, "id", "") == "__all__" for target in node.targets))
+        for module in ast.literal_eval(public):
+            assert (PACKAGE / name / f"{module}.py").is_file(), f"caffetune.{name}.__all__ names {module}"
+    code = ("import sys, caffetune.train, caffetune.model; "
+            "assert 'caffetune.train.runner' not in sys.modules and 'optuna' not in sys.modules; "
+            "assert caffetune.train.runner.start and 'caffetune.train.runner' in sys.modules")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

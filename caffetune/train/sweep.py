@@ -31,7 +31,7 @@ from pathlib import Path
 import optuna
 
 from caffetune import files
-from caffetune.errors import RunError, SweepError
+from caffetune.errors import DivergedError, RunError, SweepError
 from caffetune.model import caffe_tools, prototxt
 from caffetune.train import preflight, runner, sweep_results, sweep_space
 from caffetune.train.logparse import Record, main_accuracy
@@ -168,7 +168,6 @@ class _TrialWatch:
         self.best: float | None = None
         self.best_iteration: int | None = None
         self.pruned_at: int | None = None
-        self.diverged_at: int | None = None
         self.iteration = 0
         self.reported: set[int] = set()
 
@@ -178,9 +177,6 @@ class _TrialWatch:
     def on_record(self, record: Record) -> str | None:
         self.iteration = max(self.iteration, record.iteration)
         if record.phase == "train":
-            loss = record.values.get("loss")
-            if loss is not None and not math.isfinite(loss) and self.diverged_at is None:
-                self.diverged_at = record.iteration
             return None
         value = metric_value(record.values, self.options.metric) if record.net == 0 else None
         if value is None or not math.isfinite(value):
@@ -245,8 +241,8 @@ class _Objective:
             self._requeue(trial, values)
             raise SweepInterrupted(f"interrupted during trial {trial.number}", where=str(run_dir),
                                    fix="run the same command again to continue the sweep") from None
-        if watch.diverged_at is not None or "diverged" in error.what or "stuck at" in error.what:
-            note = f"diverged at iteration {watch.diverged_at or watch.iteration}: {error.what}"
+        if isinstance(error, DivergedError):       # the run's watchdog: NaN loss, or stuck at -log(FLT_MIN)
+            note = f"diverged at iteration {error.iteration or watch.iteration}: {error.what}"
             trial.set_user_attr("note", note)
             self.callback(TrialFinished(trial.number, "PRUNED", watch.best, watch.iteration, run_dir, note))
             raise optuna.TrialPruned(note)

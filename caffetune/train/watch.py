@@ -16,7 +16,7 @@ from pathlib import Path
 from google.protobuf.message import Message
 
 from caffetune import files
-from caffetune.errors import RunError
+from caffetune.errors import DivergedError, RunError
 from caffetune.model import layers
 from caffetune.train import plots
 from caffetune.train import run_dir as run_files
@@ -68,6 +68,7 @@ class Watch:
         self._stop_sent = False
         self.fatal: list[str] = []
         self.stopped_early = self.done = False
+        self.snapshotted = 0                    # the highest iteration caffe wrote a snapshot of in this launch
         self.plotted = time.monotonic()
 
     def _load_best(self) -> dict | None:
@@ -119,14 +120,14 @@ class Watch:
         fix = (f"lower base_lr (it is {self.base_lr:g}; try {self.base_lr / 10:g}), check that the data is scaled "
                "(transform_param scale / mean) and that the labels are right")
         if not math.isfinite(loss):
-            self.tripped = RunError(f"the loss is {loss} at iteration {record.iteration}: training diverged",
-                                    where=str(self.run_dir / "caffe.log"), fix=fix)
+            self.tripped = DivergedError(f"the loss is {loss} at iteration {record.iteration}: training diverged",
+                                         where=str(self.run_dir / "caffe.log"), fix=fix, iteration=record.iteration)
         self.saturated = self.saturated + 1 if is_saturated(loss, self.options.images_per_loss) else 0
         if self.saturated >= self.options.watchdog_patience:
-            self.tripped = RunError(f"the loss is stuck at multiples of {SATURATED_LOSS} (-log of the smallest float: "
-                                    f"the net gives true classes probability 0) for {self.saturated} displays, up "
-                                    f"to iteration {record.iteration} (loss {loss:g})",
-                                    where=str(self.run_dir / "caffe.log"), fix=fix)
+            self.tripped = DivergedError(f"the loss is stuck at multiples of {SATURATED_LOSS} (-log of the smallest "
+                                         f"float: the net gives true classes probability 0) for {self.saturated} "
+                                         f"displays, up to iteration {record.iteration} (loss {loss:g})",
+                                         where=str(self.run_dir / "caffe.log"), fix=fix, iteration=record.iteration)
 
     def _on_test(self, record: Record) -> None:
         if time.monotonic() - self.plotted > PLOT_EVERY_S:
@@ -158,12 +159,19 @@ class Watch:
     def _on_event(self, event: Event) -> None:
         if event.kind == "fatal":
             self.fatal.append(event.text)
+        elif event.kind in ("snapshot", "solverstate"):
+            self.snapshotted = max(self.snapshotted, run_files.snapshot_iteration(Path(event.text)) or 0)
         elif event.kind == "stopped":
+            # A graceful stop (SIGINT) snapshots at the iteration reached; caffe prints "Optimization Done." after
+            # it too, which must not move the bar to max_iter.
             self.stopped_early = True
+            self.iteration = max(self.iteration, self.snapshotted)
+            self._report()
         elif event.kind == "done":
             self.done = True
-            self.iteration = max(self.iteration, self.max_iter)   # caffe logs no line for the last iteration
-            self._report()                                          # when display does not divide max_iter
+            if not self.stopped_early:
+                self.iteration = max(self.iteration, self.max_iter)   # caffe logs no line for the last iteration
+            self._report()                                              # when display does not divide max_iter
 
     def _prune(self, ranked_up_to: int) -> None:
         """With snapshots at every test pass, keep only the best, those the user's interval asked for, and any not
