@@ -151,7 +151,8 @@ def sweep(obj: Context, solver, weights, name, trials, params, tries, storage, r
         click.echo(f"interrupted: {error.what}; run the same command again to continue", err=True)
         sys.exit(ExitCode.TERMINATED if terminated else ExitCode.INTERRUPTED)
     ran = ", ".join(str(n) for n in result.ran) or "none"
-    out.print(f"{result.finished} of {trials} trials finished in {name} (this process ran: {ran})")
+    running = f", {result.running} running in other workers" if result.running else ""
+    out.print(f"{result.finished} of {trials} trials finished in {name}{running} (this process ran: {ran})")
     if result.best:
         out.print(f"best: trial {result.best['number']} {metric} {result.best['value']:.4g} "
                   f"({sweep_space.describe(result.best['params'])})")

@@ -51,10 +51,13 @@ def _print_run_results(results) -> None:
 @click.option("--cache-features/--no-cache-features", default=None,
               help="forward the frozen trunk once and train the top on its cached outputs (default: on when that "
                    "is exact; --cache-features refuses with the reason otherwise; see docs/feature-cache.md)")
+@click.option("--cache-crops", type=click.IntRange(min=1), default=None, metavar="K",
+              help="with a random TRAIN crop: cache K crops per image and pick one per image per epoch (an "
+                   "approximation of Caffe's crops; turns the cache on)")
 @click.pass_obj
 def run(obj: Context, solver, weights, snapshot, name, runs_dir, gpu, strict_gpu, resume_dir, max_iter, early_stop,
         no_best, no_preflight, strict, stages, unfreeze_from, stage1_iter, stage2_iter, stage2_lr_factor, heads,
-        fit_head, cache_features) -> None:
+        fit_head, cache_features, cache_crops) -> None:
     """Check, then train with the real `caffe train` in runs/NAME/, with live progress, metrics and plots."""
     from pathlib import Path
 
@@ -71,7 +74,8 @@ def run(obj: Context, solver, weights, snapshot, name, runs_dir, gpu, strict_gpu
                                     runs_root=Path(runs_dir), gpu=gpu, strict_gpu=strict_gpu, caffe=obj.caffe,
                                     keep_best=not no_best, early_stop=early_stop, max_iter=max_iter,
                                     preflight=not no_preflight, strict=strict, fit_head=fit_head,
-                                    cache_features=cache_features)
+                                    cache_features=True if cache_crops and cache_features is None
+                                    else cache_features, cache_crops=cache_crops or 0)
         plan = StagePlan(unfreeze_from=unfreeze_from, stage1_iter=stage1_iter, stage2_iter=stage2_iter,
                          lr_factor=stage2_lr_factor, heads=list(heads)) if stages else None
     with RunView() as view:

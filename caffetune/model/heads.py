@@ -42,8 +42,14 @@ KEEPS_CLASS_AXIS = ACTIVATIONS | {"Dropout", "Pooling", "Flatten", "Reshape", "S
                                   "Bias", "MVN"}
 # Layers that join several inputs without mixing classes (Concat only along another axis than the class axis).
 JOINS = frozenset({"Eltwise", "Concat"})
-# What may sit between an output head's input and the learnable layer or pooling that made the feature vector.
-_FEATURE_PASS = ACTIVATIONS | {"Dropout", "Flatten", "Reshape", "BatchNorm", "Scale", "Bias", "Split"}
+# Layers that only consume a blob (Caffe's Silence): what they read leaves the net unused.
+SINKS = frozenset({"Silence"})
+# What may sit between an output head's input and the learnable layer or pooling that made the feature vector
+# (Normalize: an L2-normalised feature, as in bilinear and NormFace nets; any in-place layer is element-wise).
+_FEATURE_PASS = ACTIVATIONS | {"Dropout", "Flatten", "Reshape", "BatchNorm", "Scale", "Bias", "Split", "Normalize"}
+# Layers that pool a spatial map into one feature vector besides global/average Pooling (bilinear pooling's
+# outer product summed over positions: Bilinear, CompactBilinear).
+_VECTOR_POOLS = ("Bilinear",)
 
 
 @dataclass(frozen=True)
@@ -124,7 +130,7 @@ def _only_scored(entries: list, blob: str, index: int, outputs: set[str], seen: 
         return blob in outputs
     for position in later:
         reader = entries[position]
-        if _is_scoring_type(layers.type_name(reader)):
+        if _is_scoring_type(layers.type_name(reader)) or layers.type_name(reader) in SINKS:
             continue
         if position in seen or is_learnable_head_type(reader) or not reader.top or \
                 layers.type_name(reader) not in KEEPS_CLASS_AXIS | JOINS:
@@ -266,7 +272,9 @@ def _feature_vector_input(entries: list, layer: Message, index: int, sizes: dict
         if is_learnable_head_type(writer):
             return f"it reads the features of {writer.name} after {shaped}" \
                 if shaped and kind == "InnerProduct" else None
-        if kind not in _FEATURE_PASS or not writer.bottom:
+        if any(word in kind for word in _VECTOR_POOLS):
+            return f"it reads the {kind} pooled features of {writer.name}"
+        if not writer.bottom or (kind not in _FEATURE_PASS and not layers.is_in_place(writer)):
             return None
         if kind in ACTIVATIONS or kind == "Dropout":
             shaped = writer.name

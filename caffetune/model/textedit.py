@@ -17,112 +17,19 @@ from google.protobuf import text_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-_TOKEN = re.compile(r"""
-    (?P<space>\s+) | (?P<comment>\#[^\n]*) |
-    (?P<string>"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*') |
-    (?P<word>[A-Za-z0-9_.+\-]+) | (?P<punct>[{}<>:\[\],;])
-""", re.VERBOSE)
-
-
-@dataclass
-class Node:
-    """One field occurrence in the text: `name: value` or `name { ... }`."""
-
-    name: str
-    start: int                     # offset of the field name
-    end: int                       # offset just after the value or closing brace
-    value_start: int = 0
-    value_end: int = 0
-    children: list[Node] | None = None   # set for message values
-    open: int = 0                  # offset of "{" / "<" for messages
-    close: int = 0                 # offset of "}" / ">" for messages
-    group: Node | None = None    # for an element of `name: [a, b]`: the whole list field
-
-
-class _Unsupported(Exception):
-    """Syntax the editor does not handle (lists `[...]`, extensions); the caller falls back."""
-
-
-def _tokens(text: str) -> list[tuple[str, str, int]]:
-    result, position = [], 0
-    while position < len(text):
-        match = _TOKEN.match(text, position)
-        if not match:
-            raise _Unsupported(f"unexpected character at {position}")
-        kind = match.lastgroup
-        if kind not in ("space", "comment"):
-            result.append((kind, match.group(), match.start()))
-        position = match.end()
-    return result
-
-
-def _parse_block(tokens, index: int, closer: str | None) -> tuple[list[Node], int]:
-    nodes: list[Node] = []
-    while index < len(tokens):
-        kind, value, start = tokens[index]
-        if closer and value == closer and kind == "punct":
-            return nodes, index
-        if value in (",", ";"):
-            index += 1
-            continue
-        if kind != "word":
-            raise _Unsupported(f"unexpected {value!r} at {start}")
-        index += 1
-        if index < len(tokens) and tokens[index][1] == ":":
-            index += 1
-        kind2, value2, start2 = tokens[index]
-        if value2 in ("{", "<"):
-            children, close_index = _parse_block(tokens, index + 1, "}" if value2 == "{" else ">")
-            close = tokens[close_index][2]
-            nodes.append(Node(value, start, close + 1, start2, close + 1, children, start2, close))
-            index = close_index + 1
-        elif value2 == "[":
-            elements, index = _parse_list(tokens, index + 1, value, start)
-            nodes.extend(elements)
-        else:
-            end = start2 + len(value2)
-            index += 1
-            while index < len(tokens) and tokens[index][0] == "string" and kind2 == "string":
-                end = tokens[index][2] + len(tokens[index][1])   # adjacent strings concatenate
-                index += 1
-            nodes.append(Node(value, start, end, start2, end))
-    if closer:
-        raise _Unsupported("unbalanced braces")
-    return nodes, index
-
-
-def _parse_list(tokens, index: int, name: str, start: int) -> tuple[list[Node], int]:
-    """The elements of a scalar list `name: [a, b, c]` as nodes of their own, grouped under the whole field."""
-    elements: list[Node] = []
-    while index < len(tokens):
-        kind, value, offset = tokens[index]
-        if value == "]" and kind == "punct":
-            group = Node(name, start, offset + 1, start, offset + 1)
-            for element in elements:
-                element.group = group
-            return elements, index + 1
-        if value == ",":
-            index += 1
-            continue
-        if kind not in ("word", "string"):
-            raise _Unsupported(f"list of {value!r} at {offset}")    # lists of messages are left alone
-        elements.append(Node(name, offset, offset + len(value), offset, offset + len(value)))
-        index += 1
-    raise _Unsupported("unterminated list")
-
-
-def scan(text: str) -> list[Node]:
-    """The top-level field spans of a prototxt text."""
-    nodes, _ = _parse_block(_tokens(text), 0, None)
-    return nodes
-
-
-def try_scan(text: str) -> list[Node] | None:
-    """`scan`, or None for text the editor does not handle (unbalanced braces, lists of messages, ...)."""
-    try:
-        return scan(text)
-    except (_Unsupported, IndexError):
-        return None
+from caffetune.model import comments
+from caffetune.model.textscan import (  # noqa: F401 - textedit's public API
+    Node,
+    Unsupported,
+    comment_matches,
+    comments_in,
+    format_value,
+    line_start,
+    scan,
+    to_text,
+    tokens,
+    try_scan,
+)
 
 
 @dataclass
@@ -137,7 +44,7 @@ class _Edits:
         out, last = [], 0
         for start, end, new in sorted(self.edits, key=lambda e: (e[0], e[1])):
             if start < last:
-                raise _Unsupported("overlapping edits")
+                raise Unsupported("overlapping edits")
             out.append(self.text[last:start])
             out.append(new)
             last = end
@@ -145,38 +52,28 @@ class _Edits:
         return "".join(out)
 
 
-def _line_start(text: str, offset: int) -> int:
-    return text.rfind("\n", 0, offset) + 1
-
-
 def _indent_of(text: str, offset: int) -> str:
-    begin = _line_start(text, offset)
+    begin = line_start(text, offset)
     prefix = text[begin:offset]
     return prefix if prefix.strip() == "" else re.match(r"\s*", prefix).group()
 
 
 def _alone_on_line(text: str, node: Node) -> bool:
-    before = text[_line_start(text, node.start):node.start]
+    before = text[line_start(text, node.start):node.start]
     after_end = text.find("\n", node.end)
     after = text[node.end: after_end if after_end >= 0 else len(text)]
     return before.strip() == "" and (after.strip() == "" or after.strip().startswith("#"))
 
 
-def comments_in(text: str, start: int = 0, end: int | None = None) -> list[str]:
-    """The comments (`# ...`, without the line break) that start in text[start:end]."""
-    end = len(text) if end is None else end
-    return [match.group() for match in comment_matches(text) if start <= match.start() < end]
-
-
 def _delete(edits: _Edits, node: Node) -> None:
     """Delete a field occurrence, keeping every comment in it or after it on its line (your file stays yours)."""
     if node.group is not None:
-        raise _Unsupported("deleting one element of a list")
+        raise Unsupported("deleting one element of a list")
     text = edits.text
     if _alone_on_line(text, node):
         line_end = text.find("\n", node.end)
         end = line_end + 1 if line_end >= 0 else len(text)
-        start = _line_start(text, node.start)
+        start = line_start(text, node.start)
         indent = text[start:node.start]
         edits.replace(start, end, "".join(f"{indent}{comment}\n" for comment in comments_in(text, node.start, end)))
     else:
@@ -187,76 +84,22 @@ def _delete(edits: _Edits, node: Node) -> None:
         edits.replace(node.start, end, "".join(f"{comment}\n" for comment in kept))
 
 
-def to_text(message: Message, one_line: bool = False) -> str:
-    """text_format's output with floats as Caffe's nets write them (10, 0.9, 0.0005 rather than 10.0)."""
-    return text_format.MessageToString(message, as_utf8=True, as_one_line=one_line, float_format=".7g")
-
-
-_LEADING_FIELDS = ("name", "type", "bottom", "top")   # how layers are written by hand, V1 ones included
-
-
-def _layer_text(value: Message, one_line: bool) -> str:
-    """A layer message's fields with name, type, bottom, top first (V1 numbers them otherwise)."""
-    pieces = []
-    ordered = sorted(value.ListFields(), key=lambda item: (
-        _LEADING_FIELDS.index(item[0].name) if item[0].name in _LEADING_FIELDS else len(_LEADING_FIELDS),
-        item[0].number))
-    for fd, field_value in ordered:
-        holder = type(value)()
-        if fd.label == FieldDescriptor.LABEL_REPEATED:
-            getattr(holder, fd.name).extend(field_value)
-        elif fd.type == FieldDescriptor.TYPE_MESSAGE:
-            getattr(holder, fd.name).CopyFrom(field_value)
-        else:
-            setattr(holder, fd.name, field_value)
-        pieces.append(to_text(holder, one_line).strip("\n "))
-    return " ".join(pieces) if one_line else "\n".join(pieces)
-
-
-def format_value(parent: Message, fd: FieldDescriptor, value, indent: str = "", one_line: bool = False) -> str:
-    """Text of one field (`name: value` or `name { ... }`) as text_format writes it."""
-    if fd.type == FieldDescriptor.TYPE_MESSAGE and "name" in fd.message_type.fields_by_name and \
-            "type" in fd.message_type.fields_by_name and "bottom" in fd.message_type.fields_by_name:
-        body = _layer_text(value, one_line)
-        if one_line:
-            return f"{fd.name} {{ {body} }}"
-        inner = "\n".join(f"{indent}  {line}" for line in body.split("\n"))
-        return f"{fd.name} {{\n{inner}\n{indent}}}"
-    holder = type(parent)()
-    if fd.label == FieldDescriptor.LABEL_REPEATED:
-        container = getattr(holder, fd.name)
-        container.add().CopyFrom(value) if fd.type == FieldDescriptor.TYPE_MESSAGE else container.append(value)
-    elif fd.type == FieldDescriptor.TYPE_MESSAGE:
-        getattr(holder, fd.name).CopyFrom(value)
-        if not value.ListFields():
-            getattr(holder, fd.name).SetInParent()
-    else:
-        setattr(holder, fd.name, value)
-    written = to_text(holder, one_line).rstrip("\n")
-    if fd.type == FieldDescriptor.TYPE_STRING:   # text_format escapes ' inside "...": param_str "'num_classes': 7"
-        written = re.sub(r"(?<!\\)((?:\\\\)*)\\'", r"\1'", written)
-    if one_line:
-        return written
-    lines = written.split("\n")
-    return "\n".join([lines[0]] + [indent + line for line in lines[1:]])
-
-
 def _block_is_one_line(text: str, node: Node | None) -> bool:
     return node is not None and "\n" not in text[node.open:node.close]
 
 
 def _starts_line(text: str, offset: int) -> bool:
-    return text[_line_start(text, offset):offset].strip() == ""
+    return text[line_start(text, offset):offset].strip() == ""
 
 
 def _child_indent(text: str, block: Node | None, after: Node) -> str:
     """Indentation for a new field in `block`: that of a sibling starting its own line, else the block's + 2."""
     if _starts_line(text, after.start):
-        return text[_line_start(text, after.start):after.start]
+        return text[line_start(text, after.start):after.start]
     siblings = block.children if block is not None else []
     for node in siblings:
         if _starts_line(text, node.start):
-            return text[_line_start(text, node.start):node.start]
+            return text[line_start(text, node.start):node.start]
     return (_indent_of(text, block.start) + "  ") if block is not None else ""
 
 
@@ -276,7 +119,7 @@ def _insert_in_block(edits: _Edits, block: Node | None, after: Node | None, pare
         prefix = "" if line_end >= 0 else "\n"
     elif block is not None:
         indent = _indent_of(text, block.close) + "  "
-        position = _line_start(text, block.close)
+        position = line_start(text, block.close)
         prefix = ""
         if text[position:block.close].strip():
             position, prefix = block.close, "\n"
@@ -358,7 +201,7 @@ def _diff_repeated_messages(edits, block, nodes, parent_old, parent_new, fd, top
     old, new = list(getattr(parent_old, fd.name)), list(getattr(parent_new, fd.name))
     occurrences = [node for node in nodes if node.name == fd.name]
     if len(occurrences) != len(old):
-        raise _Unsupported(f"{fd.name}: text and message disagree")
+        raise Unsupported(f"{fd.name}: text and message disagree")
     named = "name" in fd.message_type.fields_by_name
     if named:
         pairs = _match_by_name(old, new)
@@ -381,12 +224,12 @@ def _diff_repeated_messages(edits, block, nodes, parent_old, parent_new, fd, top
 def _insert_before(edits: _Edits, node: Node, parent: Message, fd, value) -> None:
     """Insert one field occurrence just before `node` (a new first layer goes before the old first one)."""
     text = edits.text
-    line_start = _line_start(text, node.start)
-    if text[line_start:node.start].strip():
+    begin = line_start(text, node.start)
+    if text[begin:node.start].strip():
         edits.replace(node.start, node.start, format_value(parent, fd, value, one_line=True) + " ")
         return
-    indent = text[line_start:node.start]
-    edits.replace(line_start, line_start, f"{indent}{format_value(parent, fd, value, indent)}\n")
+    indent = text[begin:node.start]
+    edits.replace(begin, begin, f"{indent}{format_value(parent, fd, value, indent)}\n")
 
 
 def _diff_repeated_scalars(edits, block, nodes, parent_old, parent_new, fd, top_end) -> None:
@@ -395,7 +238,7 @@ def _diff_repeated_scalars(edits, block, nodes, parent_old, parent_new, fd, top_
         return
     occurrences = [node for node in nodes if node.name == fd.name]
     if len(occurrences) != len(old):
-        raise _Unsupported(f"{fd.name}: text and message disagree")
+        raise Unsupported(f"{fd.name}: text and message disagree")
     for node, old_value, new_value in zip(occurrences, old, new):
         if old_value != new_value:
             _replace_value(edits, parent_new, fd, node, new_value)
@@ -417,12 +260,12 @@ def _delete_scalars(edits: _Edits, doomed: list[Node]) -> None:
     for group, count in groups.values():
         if count != sum(1 for node in doomed if node.group is group) or \
                 count != _list_size(edits.text, group):
-            raise _Unsupported("deleting part of a list")
+            raise Unsupported("deleting part of a list")
         _delete(edits, group)
 
 
 def _list_size(text: str, group: Node) -> int:
-    return len([token for token in _tokens(text[group.start:group.end]) if token[0] in ("word", "string")]) - 1
+    return len([token for token in tokens(text[group.start:group.end]) if token[0] in ("word", "string")]) - 1
 
 
 def _replace_value(edits: _Edits, parent: Message, fd, node: Node, value) -> None:
@@ -444,7 +287,7 @@ def _diff_message(edits: _Edits, block: Node | None, nodes: list[Node], old: Mes
         had, has = old.HasField(fd.name), new.HasField(fd.name)
         occurrences = [node for node in nodes if node.name == fd.name]
         if had and len(occurrences) != 1:
-            raise _Unsupported(f"{fd.name}: written {len(occurrences)} times")
+            raise Unsupported(f"{fd.name}: written {len(occurrences)} times")
         old_value, new_value = getattr(old, fd.name), getattr(new, fd.name)
         if had and not has:
             _delete(edits, occurrences[0])
@@ -457,15 +300,24 @@ def _diff_message(edits: _Edits, block: Node | None, nodes: list[Node], old: Mes
                 _replace_value(edits, new, fd, occurrences[0], new_value)
 
 
+def _layers_change_key(old: Message, new: Message) -> bool:
+    """Whether the layers move from V1's `layers` field to `layer` (no layer could be edited in place)."""
+    fields = old.DESCRIPTOR.fields_by_name
+    return "layers" in fields and "layer" in fields and len(old.layers) > 0 and not new.layers and \
+        len(new.layer) > 0 and not old.layer
+
+
 def render(text: str, old: Message, new: Message) -> str | None:
     """`text` (which parses to `old`) edited to parse to `new`; None when that cannot be done faithfully."""
+    if _layers_change_key(old, new):   # an upgraded V1 net: every layer is written anew, each comment before its own
+        return comments.carry_comments(text, to_text(new))
     try:
         nodes = scan(text)
         edits = _Edits(text)
         top_end = len(text)
         _diff_message(edits, None, nodes, old, new, top_end)
         result = edits.apply()
-    except (_Unsupported, IndexError):
+    except (Unsupported, IndexError):
         return None
     check = type(new)()
     try:
@@ -473,16 +325,3 @@ def render(text: str, old: Message, new: Message) -> str | None:
     except text_format.ParseError:
         return None
     return result if check == new else None
-
-
-def comment_matches(text: str):
-    """The regex matches of every comment of `text`, in order."""
-    position = 0
-    while position < len(text):
-        match = _TOKEN.match(text, position)
-        if not match:
-            position += 1
-            continue
-        if match.lastgroup == "comment":
-            yield match
-        position = match.end()

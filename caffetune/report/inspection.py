@@ -184,7 +184,7 @@ def _count(shape_list) -> int | None:
 
 def _detected_heads(net: Message) -> tuple[list[str], str]:
     dense = class_layers.summary(net)   # detection/segmentation: every class-dependent layer, marked like heads
-    if dense is not None and dense[0]:
+    if dense is not None and (dense[0] or dense[1]):   # its layers, or why the analysis refused the net
         return dense
     try:
         return [head.name for head in heads.find_heads(net)], ""

@@ -12,9 +12,8 @@ from pathlib import Path
 
 from google.protobuf.message import Message
 
-from caffetune.model import layers
 from caffetune.errors import NetError
-
+from caffetune.model import layers, upgrade
 
 
 def copy(message: Message) -> Message:
@@ -195,42 +194,9 @@ def set_data_layers(net: Message, options: DataOptions) -> Message:
 
 
 def upgrade_v1(net: Message) -> Message:
-    """The current-format (`layer {}`) equivalent of a V1 net, as Caffe's upgrade_net_proto_text writes it."""
+    """The current-format (`layer {}`) equivalent of a V1 net, as Caffe's upgrade_net_proto_text writes it: the
+    one upgrade of model/upgrade.py (data_param scale/mean/crop/mirror moved into transform_param, param specs,
+    `input:` fields turned into an Input layer where the schema has one)."""
     if not layers.is_v1(net):
         return copy(net)
-    result = copy(net)
-    result.ClearField("layers")
-    for old in net.layers:
-        new = result.layer.add()
-        new.name, new.type = old.name, layers.type_name(old)
-        new.bottom[:], new.top[:] = list(old.bottom), list(old.top)
-        for rule_field in ("include", "exclude"):
-            for rule in getattr(old, rule_field):
-                getattr(new, rule_field).add().CopyFrom(rule)
-        new.loss_weight[:] = list(old.loss_weight)
-        _upgrade_params(old, new)
-        _copy_same_named_params(old, new)
-    return result
-
-
-def _upgrade_params(old: Message, new: Message) -> None:
-    count = max(len(old.param), len(old.blobs_lr), len(old.weight_decay))
-    for index in range(count):
-        spec = new.param.add()
-        if index < len(old.param):
-            spec.name = old.param[index]
-        if index < len(old.blobs_lr):
-            spec.lr_mult = old.blobs_lr[index]
-        if index < len(old.weight_decay):
-            spec.decay_mult = old.weight_decay[index]
-
-
-def _copy_same_named_params(old: Message, new: Message) -> None:
-    """Copy every *_param submessage whose name and message type are the same in both schemas' layer messages."""
-    target_fields = new.DESCRIPTOR.fields_by_name
-    for fd, value in old.ListFields():
-        if not fd.name.endswith("_param") or fd.message_type is None:
-            continue
-        target = target_fields.get(fd.name)
-        if target is not None and target.message_type is fd.message_type:
-            getattr(new, fd.name).CopyFrom(value)
+    return upgrade.upgrade_input(upgrade.v1_to_current(net))

@@ -23,24 +23,19 @@ is written instead and a note says so.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 from google.protobuf.message import Message
 
 from caffetune import files
-from caffetune.model import heads as heads_module
-from caffetune.model import layers
-from caffetune.surgery import lr_policy
-from caffetune.surgery import derive
-from caffetune.model import prototxt
-from caffetune.model import comments, textedit
-from caffetune.model import upgrade
-from caffetune.surgery import net_edits
-from caffetune.surgery import solver as solvers
 from caffetune.errors import NetError
+from caffetune.model import comments, layers, prototxt, textedit, upgrade
+from caffetune.model import heads as heads_module
 from caffetune.model.heads import Head
+from caffetune.surgery import derive, lr_policy, net_edits
+from caffetune.surgery import solver as solvers
 from caffetune.surgery.net_edits import DataOptions
 
 TRAIN_VAL, DEPLOY, SOLVER = "train_val", "deploy", "solver"
@@ -282,7 +277,7 @@ def rewrite_text(text: str, options: Options, *, path: str = "<text>", solver_ne
     text, original, upgrade_notes = upgrade.read_net(text, path)   # V0 nets upgraded, mis-keyed layers read
     net = _parse_net(original, path, options)
     deploy_input = derive.is_deploy(net)
-    from caffetune.surgery import class_layers, dense_rewrite   # they import this module
+    from caffetune.surgery import class_layers, dense_rewrite  # they import this module
 
     analysis = class_layers.analyze(net, tuple(options.heads))  # detection/segmentation: every class layer
     if analysis is not None:
@@ -329,7 +324,7 @@ def output_paths(net_path: Path, result_roles: list[str], input_kind: str, outpu
         paths = {TRAIN_VAL if TRAIN_VAL in result_roles else result_roles[0]: target}
     else:
         paths = {role: target / f"{role}.prototxt" for role in result_roles}
-    for role, path in paths.items():
+    for path in paths.values():
         if path.resolve() == net_path.resolve():
             raise NetError(f"-o would overwrite the input {net_path}", where=str(path),
                            fix="choose another output, or pass --in-place to overwrite the input on purpose")

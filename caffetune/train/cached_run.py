@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 from google.protobuf.message import Message
 
 from caffetune import files
 from caffetune.errors import CaffetuneError, RunError
 from caffetune.model import caffe_tools, caffemodels, prototxt
-from caffetune.transfer import feature_cache, graft, mirror_replay, top_net, trunk_cut
+from caffetune.transfer import crop_cache, feature_cache, graft, mirror_replay, top_net, trunk_cut
 
 TOP_NET = "top.prototxt"
 TOP_SOLVER = "top-solver.prototxt"
@@ -41,30 +41,34 @@ class CachedRun:
     record: dict = field(default_factory=dict)   # what run.json records
 
 
-def decline_reason(net: Message) -> str | None:
+def decline_reason(net: Message, crops: int = 0) -> str | None:
     """Why --cache-features would refuse this net (None: it can cache); used to decide the default quietly."""
     try:
         cut = trunk_cut.find_cut(net)
-        feature_cache.check_transform(cut)
+        feature_cache.check_transform(cut, crops)
     except CaffetuneError as error:
         return error.what
     return None
 
 
 def prepare(run_dir: Path, net_file: str, net: Message, solver: Message, weights: Path,
-            install: caffe_tools.CaffeInstall, progress: Callable[[object], None] | None = None) -> CachedRun:
+            install: caffe_tools.CaffeInstall, progress: Callable[[object], None] | None = None,
+            crops: int = 0) -> CachedRun:
     """Cache the trunk's outputs and write the top's net and solver into `run_dir` (net_file: the train_val copy)."""
     progress = progress or (lambda item: None)
     cut = trunk_cut.find_cut(net)
-    exact = feature_cache.check_transform(cut)
+    exact = feature_cache.check_transform(cut, crops)
     top_net.check_trunk_weights(weights, net, cut)
     started = time.perf_counter()
-    cache = feature_cache.build(net, cut, weights, install, progress=progress)
+    cache = feature_cache.build(net, cut, weights, install, progress=progress, crops=crops)
     sources = {phase: cache.list_file(phase) for phase in cut.phases}
     batches = {phase: cache.phase(phase)["batch"] for phase in cut.phases}
-    if exact.mirror:
-        rows = mirror_replay.sequence_rows(solver, batches["TRAIN"])
-        seed = solver.random_seed if solver.HasField("random_seed") else None
+    rows = mirror_replay.sequence_rows(solver, batches["TRAIN"])
+    seed = solver.random_seed if solver.HasField("random_seed") else None
+    if exact.crops:
+        sources["TRAIN"] = crop_cache.write_sequence(cache, run_dir / SEQUENCE_DIR, rows, seed,
+                                                     feature_cache.write_hdf5)
+    elif exact.mirror:
         sources["TRAIN"] = mirror_replay.write_mirror_sequence(cache, run_dir / SEQUENCE_DIR, rows, seed,
                                                                 exact.draws_per_image)
     names = {phase: cache.phase(phase)["datasets"] for phase in cut.phases}
@@ -144,8 +148,8 @@ def _net_file(prepared) -> str:
 class CacheHook:
     """RunHook of `run --cache-features` (`insist`: True refuses with the reason, None uses the cache when exact)."""
 
-    def __init__(self, insist: bool | None = None):
-        self.insist = insist
+    def __init__(self, insist: bool | None = None, crops: int = 0):
+        self.insist, self.crops = insist, crops
         self.cached: CachedRun | None = None
 
     def _applicable(self, prepared, launch) -> tuple[str, Message]:
@@ -162,11 +166,12 @@ class CacheHook:
         try:
             name, net = self._applicable(prepared, launch)
             if self.insist is None:               # on by default only where the cache gives the same run
-                reason = decline_reason(net)
+                reason = decline_reason(net, self.crops)
                 if reason:
                     callback(_info(f"feature cache not used: {reason}"))
                     return launch
-            self.cached = prepare(run_dir, name, net, solver, launch.weights[0], install, progress=callback)
+            self.cached = prepare(run_dir, name, net, solver, launch.weights[0], install, progress=callback,
+                                  crops=self.crops)
         except CaffetuneError as error:
             if self.insist:
                 raise
@@ -212,4 +217,5 @@ def rebuild_if_evicted(run_dir: Path, cached: CachedRun, install, callback) -> N
     callback(_info("feature cache: evicted since the run started; computing it again"))
     net = prototxt.load(cached.full_net)
     solver = prototxt.load(Path(run_dir) / "solver.prototxt", "SolverParameter")
-    prepare(Path(run_dir), cached.full_net.name, net, solver, cached.original_weights, install, progress=callback)
+    prepare(Path(run_dir), cached.full_net.name, net, solver, cached.original_weights, install, progress=callback,
+            crops=cached.record["cache"].get("crops", 0))

@@ -1,6 +1,6 @@
 """Preflight checks of the solver and of the files given to start from (--snapshot, --weights).
 
-- base_lr 0: nothing learns;
+- base_lr 0: nothing learns; max_iter unset or 0: nothing is trained;
 - a TEST phase that caffe never runs (no test_iter) or cannot run (test_iter without test_interval, one test_iter per
   test_net file);
 - test_iter x batch_size against the validation set: part of it unseen, or read past its end (wrapping);
@@ -97,6 +97,20 @@ def check_learning_rate(run: Run) -> list[Problem]:
     return [level(f"base_lr is {run.solver.base_lr:g}" + ("" if written else " (unset)"), "solver",
                   "set base_lr (0.001 is a common start for fine-tuning)",
                   "every update is multiplied by base_lr: the run learns nothing")]
+
+
+def check_max_iter(run: Run) -> list[Problem]:
+    """max_iter unset (it defaults to 0) or not positive: Solver::Solve runs max_iter - iter iterations, so caffe
+    builds the nets, snapshots the start weights and stops having trained nothing. The runner checks the solver
+    it will launch, with --max-iter applied."""
+    solver = run.solver
+    if solver is None or not _has(solver, "max_iter") or solver.max_iter > 0:
+        return []
+    unset = "" if solver.HasField("max_iter") else " (unset: it defaults to 0)"
+    return [error(f"max_iter is {solver.max_iter}{unset}", "solver",
+                  "set max_iter: the iterations to train (epochs x training images / batch_size; `caffetune rewrite "
+                  "--solver ... --epochs N` computes it), or pass --max-iter N",
+                  "caffe trains max_iter iterations: it would start, save the start weights and stop at once")]
 
 
 def check_testing(run: Run) -> list[Problem]:
@@ -232,5 +246,5 @@ def check_solver_type(run: Run) -> list[Problem]:
 
 
 def check_solver(run: Run) -> list[Problem]:
-    return (check_learning_rate(run) + check_lr_policy(run) + check_solver_type(run) + check_testing(run) +
-            check_test_coverage(run))
+    return (check_learning_rate(run) + check_max_iter(run) + check_lr_policy(run) + check_solver_type(run) +
+            check_testing(run) + check_test_coverage(run))

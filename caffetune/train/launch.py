@@ -2,12 +2,17 @@
 copies caffe's output to caffe.log and feeds it, parsed, to a watcher.
 
 Ctrl-C is forwarded to caffe as SIGINT (caffe's default -sigint_effect=stop snapshots and stops cleanly); a second
-Ctrl-C kills it.
+Ctrl-C kills it. caffe runs in its own session (a terminal's Ctrl-C reaches only caffetune, which decides), and on
+Linux it is killed when caffetune dies without stopping it (SIGKILL, OOM killer): PR_SET_PDEATHSIG.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import os
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,6 +77,27 @@ class _SigintForwarder:
             signal.signal(signal.SIGINT, self.previous)
 
 
+_PR_SET_PDEATHSIG = 1     # <linux/prctl.h>
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn that makes the child get SIGKILL when this process dies (Linux prctl PR_SET_PDEATHSIG; None
+    elsewhere). Without it a caffe in its own session outlives a killed caffetune and trains on, unwatched, until
+    max_iter. libc is looked up here, in the parent, so that the child between fork and exec only makes the call.
+    The signal follows the death of the thread that started caffe: run_caffe waits for caffe in that thread."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    parent = os.getpid()
+
+    def set_death_signal() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent:       # the parent died before the call: nobody would send the signal
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return set_death_signal
+
+
 def caffe_env(install: CaffeInstall) -> dict:
     env = install.env()
     env["GLOG_logtostderr"] = "1"     # the whole log on the pipe, no /tmp/caffe.* files
@@ -92,7 +118,8 @@ def run_caffe(command: list[str], run_dir: Path, install: CaffeInstall, watch, a
     parser = LogParser()
     with open(run_dir / "caffe.log", "ab" if append_log else "wb") as log:
         process = subprocess.Popen(command, cwd=run_dir, env=caffe_env(install), stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+                                   stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=die_with_parent())   # noqa: PLW1509 (only a libc call in the child)
         on_started()  # bookkeeping while caffe sets up its nets, not before
         with _SigintForwarder(process) as forwarder:
             for raw in process.stdout:

@@ -75,20 +75,36 @@ class Prepared:
     source_paths: dict[str, Path] = field(default_factory=dict)   # file name -> the user's original file
 
 
-def _net_files(solver: Message, base: Path, solver_dir: Path) -> list[tuple[str, Path]]:
+def _net_files(solver: Message, base: Path, solver_path: Path) -> list[tuple[str, Path]]:
     """(solver field, path) of every net file the solver names; caffe resolves them from its working directory."""
     found = []
     for name in ("net", "train_net"):
         if solver.HasField(name):
             found.append((name, getattr(solver, name)))
     found += [("test_net", path) for path in solver.test_net]
-    result = []
+    result, solver_dir = [], solver_path.parent
     for field_name, path in found:
         resolved = resolve(path, base)
         if not resolved.is_file() and resolve(path, solver_dir).is_file():
             resolved = resolve(path, solver_dir)  # a path written relative to the solver's own folder
+        if not resolved.is_file():
+            raise _net_not_found(field_name, path, base, solver_path)
         result.append((field_name, resolved))
     return result
+
+
+def _net_not_found(field_name: str, path: str, base: Path, solver_path: Path) -> RunError:
+    """The solver names a net file that is in neither place a relative path is looked up."""
+    solver_dir = solver_path.parent
+    if Path(path).expanduser().is_absolute():
+        looked, fix = str(Path(path).expanduser()), f"correct the solver's {field_name}: path"
+    else:
+        looked = f"{resolve(path, base)} (from the current folder, as caffe resolves it) and " \
+                 f"{resolve(path, solver_dir)} (from the solver's folder)"
+        fix = (f"correct the solver's {field_name}: path (relative to the folder you run from, or to the solver's "
+               f"folder {solver_dir}), or write it as an absolute path")
+    return RunError(f'the solver\'s {field_name}: "{path}" names no file: looked for {looked}',
+                    where=str(solver_path), fix=fix)
 
 
 def _unique_name(path: Path, taken: set[str]) -> str:
@@ -108,7 +124,7 @@ def prepare(options, install=None, base: Path | None = None) -> Prepared:
     solver = prototxt.load(solver_path, "SolverParameter")
     nets, fields, sources, taken = {}, {}, {}, {SOLVER_FILE}
     transform = options.transform_net or (lambda net: net)
-    for field_name, path in _net_files(solver, base, solver_path.parent):
+    for field_name, path in _net_files(solver, base, solver_path):
         name = _unique_name(path, taken)
         nets[name] = transform(absolutize_paths(prototxt.load(path), base))
         fields.setdefault(field_name, []).append(name)

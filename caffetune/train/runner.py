@@ -89,6 +89,7 @@ class RunOptions:
     hook: RunHook | None = field(default=None, repr=False)
     # --cache-features: True insists (refuses with the reason), None uses the cache when exact, False never.
     cache_features: bool | None = None
+    cache_crops: int = 0                  # --cache-crops K: random TRAIN crops approximated by K per image
 
 
 @dataclass
@@ -113,16 +114,16 @@ def start(options: RunOptions, callback: Callback = quiet, base: Path | None = N
     flags, mode, notices = launch.gpu_flags(install, options.gpu, options.strict_gpu, prepared.solver)
     for notice in notices:
         callback(notice)
-    if options.preflight:
-        _check(prepared, install, callback, options.strict)
     run_dir = run_files.new_run_dir(base, options.runs_root, options.name or default_name(options.solver))
     solver = run_files.finalize_solver(prepared, options, run_dir, mode)
+    if options.preflight:    # the solver caffe will train (--max-iter, --lr-factor applied), not the user's file
+        _check(prepared, install, callback, options.strict, solver)
     options = replace(options, images_per_loss=images_per_loss(prepared.nets.values(), solver))
     run_files.write_run_dir(run_dir, prepared, solver)
     weights = fit_new_heads(run_dir, prepared, options, callback) if options.fit_head else prepared.weights
     plan = Launch(run_dir / run_files.SOLVER_FILE, list(weights))
     if options.hook is None and options.cache_features is not False:
-        options = replace(options, hook=cached_run.CacheHook(options.cache_features))
+        options = replace(options, hook=cached_run.CacheHook(options.cache_features, options.cache_crops))
     if options.hook is not None:
         plan = options.hook.before_launch(run_dir, prepared, solver, plan, install, callback)
     command = launch.train_command(install, plan.solver, snapshot=prepared.snapshot, weights=plan.weights,
@@ -157,10 +158,10 @@ def resume(run_dir: Path | str, callback: Callback = quiet, options: RunOptions 
 
 
 # --- the steps ----------------------------------------------------------------------------------------------------
-def _check(prepared: Prepared, install: CaffeInstall, callback: Callback, strict: bool) -> None:
+def _check(prepared: Prepared, install: CaffeInstall, callback: Callback, strict: bool, solver: Message) -> None:
     roles = {name: role for role, names in prepared.solver_fields.items() for name in names}
     report = preflight.check(prepared.nets, weights=prepared.weights, snapshot=prepared.snapshot, install=install,
-                             roles=roles, solver=prepared.solver)
+                             roles=roles, solver=solver)
     for line in report.info:
         callback(Notice("info", line))
     if not strict:

@@ -19,6 +19,7 @@ watchdog) counts as pruned too.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -29,11 +30,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import optuna
+from optuna.trial import TrialState
 
 from caffetune import files
 from caffetune.errors import DivergedError, RunError, SweepError
 from caffetune.model import caffe_tools, prototxt
 from caffetune.train import preflight, runner, sweep_results, sweep_space
+from caffetune.train import run_dir as run_files
 from caffetune.train.logparse import Record, main_accuracy
 from caffetune.train.sweep_space import SearchSpace
 from caffetune.train.sweep_storage import ERROR_ATTR, counts, open_storage, open_study, storage_url
@@ -98,6 +101,7 @@ class SweepResult:
     ran: list[int]                                # trial numbers this process ran
     finished: int                                 # finished trials in the study when it stopped
     best: dict | None
+    running: int = 0                              # trials other workers were running when it stopped
 
 
 def direction_of(metric: str, direction: str | None = None) -> str:
@@ -140,8 +144,10 @@ def prepare_base(options: SweepOptions, base: Path, callback: Callable) -> _Base
     sweep_space.check_nets(prepared.nets, options.space)
     if options.preflight:
         roles = {name: role for role, names in prepared.solver_fields.items() for name in names}
+        checked = sweep_space.preflight_solver(prepared.solver, options.space,
+                                               options.enqueue[0] if options.enqueue else None)
         report = preflight.check(prepared.nets, weights=prepared.weights, install=install, roles=roles,
-                                 solver=prepared.solver)
+                                 solver=checked)     # the solver checks run here, once for the sweep
         for line in report.info:
             callback(runner.Notice("info", line))
         for warning in report.warnings:
@@ -162,8 +168,9 @@ class _TrialWatch:
     """One trial's view of its run: `on_record` (the runner's RunOptions.on_record) reports every test pass to
     Optuna and returns a reason to stop when the pruner says so; as the run's callback it passes everything on."""
 
-    def __init__(self, trial: optuna.Trial, options: SweepOptions, direction: str, callback: Callable):
-        self.trial, self.options, self.callback = trial, options, callback
+    def __init__(self, trial: optuna.Trial, options: SweepOptions, direction: str, callback: Callable,
+                 run_dir: Path | None = None):
+        self.trial, self.options, self.callback, self.run_dir = trial, options, callback, run_dir
         self.sign = 1.0 if direction == "maximize" else -1.0
         self.best: float | None = None
         self.best_iteration: int | None = None
@@ -183,6 +190,7 @@ class _TrialWatch:
             return None
         if self.best is None or self.sign * value > self.sign * self.best:
             self.best, self.best_iteration = value, record.iteration
+            self._keep_snapshot(record.iteration, value)
         if record.iteration in self.reported:
             return None           # Optuna takes one value per step
         self.reported.add(record.iteration)
@@ -194,6 +202,23 @@ class _TrialWatch:
         return None
 
 
+    def _keep_snapshot(self, iteration: int, value: float) -> None:
+        """Another --metric than the main accuracy: keep the snapshot of this test pass, the best by the metric, as
+        METRIC_WEIGHTS (the run's best.caffemodel is ranked by accuracy, and the run prunes the other snapshots).
+        The run snapshots at every test pass; the snapshot of iteration N is written before the test at N."""
+        if self.options.metric == MAIN_ACCURACY or self.run_dir is None:
+            return
+        weights = run_files.snapshot_weights(self.run_dir, iteration)
+        if weights is None:      # no snapshot of this pass (iteration 0): keep no older, worse one
+            for name in (sweep_results.METRIC_WEIGHTS, sweep_results.METRIC_JSON):
+                (self.run_dir / name).unlink(missing_ok=True)
+            return
+        run_files.copy_atomic(weights, self.run_dir / sweep_results.METRIC_WEIGHTS)
+        files.write_atomic(self.run_dir / sweep_results.METRIC_JSON, json.dumps(
+            {"iteration": iteration, "metric": self.options.metric, "value": value, "snapshot": weights.name},
+            indent=2) + "\n")
+
+
 class _Objective:
     def __init__(self, options: SweepOptions, root: Path, base_run: _Base, base: Path, direction: str,
                  callback: Callable):
@@ -202,6 +227,8 @@ class _Objective:
         self.ran: list[int] = []
 
     def __call__(self, trial: optuna.Trial) -> float:
+        if not within_total(trial, self.options.trials):
+            self._not_run(trial)
         values = self.options.space.suggest(trial)
         run_dir = self.root / f"trial-{trial.number:04d}"
         trial.set_user_attr("run", str(run_dir))
@@ -209,7 +236,7 @@ class _Objective:
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         self.ran.append(trial.number)
         self.callback(TrialStarted(trial.number, values, run_dir))
-        watch = _TrialWatch(trial, self.options, self.direction, self.callback)
+        watch = _TrialWatch(trial, self.options, self.direction, self.callback, run_dir)
         started = time.monotonic()
         try:
             result = self._run(trial.number, values, watch)
@@ -218,6 +245,17 @@ class _Objective:
         finally:
             trial.set_user_attr("seconds", round(time.monotonic() - started, 1))
         return self._finished(trial, values, watch, result)
+
+    def _not_run(self, trial: optuna.Trial) -> None:
+        """Another worker took the study's last trial at the same moment: give this one back (its queued values
+        go back in the queue), record it as failed without an error (it does not count) and stop this worker."""
+        frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+        fixed = frozen.system_attrs.get("fixed_params")
+        if fixed:
+            trial.study.enqueue_trial(fixed)
+        trial.set_user_attr("note", NOT_RUN)
+        trial.study.stop()
+        raise TotalReached(f"trial {trial.number} not run: {NOT_RUN}")
 
     def _run(self, number: int, values: dict, watch: _TrialWatch) -> runner.RunResult:
         staged = self.root / f".trial-{number:04d}.solver.prototxt"   # until the run directory has its copy
@@ -288,6 +326,23 @@ def _with_cache_features(options: runner.RunOptions, values: dict, default: bool
     return replace(options, cache_features=chosen)
 
 
+NOT_RUN = "not run: the study's total was reached by the other workers' trials"
+
+
+class TotalReached(SweepError):
+    """A trial asked for when the study's finished and running trials already make its total (it is not run)."""
+
+
+def within_total(trial: optuna.Trial, total: int) -> bool:
+    """Whether a trial just asked for fits the study's total: the finished trials, plus the running ones ahead of
+    it (lower numbers), leave a place. Numbers are given in the order trials are created in the storage, so of
+    two workers that ask at once for the last place, the later one sees the earlier one's trial ahead of it."""
+    trials = trial.study.get_trials(deepcopy=False)
+    finished, _ = counts(trial.study, trials)
+    ahead = sum(1 for t in trials if t.state == TrialState.RUNNING and t.number < trial.number)
+    return finished + ahead < total
+
+
 class _Budget:
     """Optuna callback after each trial: update the sweep's files, fail stale trials, stop at the total."""
 
@@ -324,8 +379,9 @@ def run(options: SweepOptions, callback: Callable = lambda item: None, base: Pat
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
-    if counts(study)[0] < options.trials:
-        study.optimize(objective, callbacks=[_Budget(options, root)], catch=(RunError,))
+    if sum(counts(study)) < options.trials:     # the others' running trials will finish the total
+        study.optimize(objective, callbacks=[_Budget(options, root)], catch=(RunError, TotalReached))
     best = sweep_results.write_outputs(study, root, plots=True)
-    return SweepResult(root, url, objective.ran, counts(study)[0], best)
+    finished, running = counts(study)
+    return SweepResult(root, url, objective.ran, finished, best, running)
 

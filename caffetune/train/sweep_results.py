@@ -26,6 +26,9 @@ from caffetune.train import sweep_storage  # noqa: E402
 from caffetune.train.sweep_storage import CONFIG_ATTR  # noqa: E402
 
 CSV_FILE, BEST_JSON, BEST_WEIGHTS = "sweep.csv", "best.json", "best.caffemodel"
+# In a trial's run, with a --metric other than the main accuracy: the snapshot best by that metric (the run's own
+# best.caffemodel is ranked by accuracy).
+METRIC_WEIGHTS, METRIC_JSON = "best-metric.caffemodel", "best-metric.json"
 HISTORY_PNG, IMPORTANCE_PNG = "history.png", "importance.png"
 
 
@@ -95,7 +98,8 @@ def csv_text(study: optuna.Study) -> str:
 
 def _copy_best_weights(root: Path, best: FrozenTrial, previous: dict | None) -> str | None:
     """runs/<name>/best.caffemodel from the best trial's run (when its run directory is on this machine)."""
-    source = Path(best.user_attrs.get("run", "")) / BEST_WEIGHTS
+    run = Path(best.user_attrs.get("run", ""))
+    source = run / METRIC_WEIGHTS if (run / METRIC_WEIGHTS).is_file() else run / BEST_WEIGHTS
     target = root / BEST_WEIGHTS
     if not source.is_file():
         return None
@@ -117,8 +121,9 @@ def write_outputs(study: optuna.Study, root: Path, plots: bool = True) -> dict |
         path = root / BEST_JSON
         previous = json.loads(path.read_text()) if path.is_file() else None
         info = trial_row(best) | {"metric": config(study).get("metric"), "direction": study.direction.name.lower()}
-        run_best = Path(info["run"] or "") / BEST_JSON
-        if run_best.is_file():   # the snapshot the run kept (ranked by its validation accuracy)
+        run = Path(info["run"] or "")
+        run_best = run / METRIC_JSON if (run / METRIC_JSON).is_file() else run / BEST_JSON
+        if run_best.is_file():   # the snapshot kept: best by the sweep's metric, else by validation accuracy
             info["snapshot"] = json.loads(run_best.read_text())
         info["weights"] = _copy_best_weights(root, best, previous)
         files.write_atomic(path, json.dumps(info, indent=2, sort_keys=True) + "\n")

@@ -235,6 +235,19 @@ def apply_solver(solver: Message, values: dict) -> Message:
     return result
 
 
+def preflight_solver(solver: Message, space: SearchSpace, first: dict | None = None) -> Message:
+    """The solver the sweep's one preflight checks: the base solver with a value of each swept solver field (the
+    first --try's, else the first choice or the low end), so that the solver checks see a solver a trial runs (a
+    base_lr or max_iter the base solver leaves unset but the sweep sets is no error). Every lr_policy choice's
+    fields are checked by check_solver."""
+    values = {}
+    for param in space.params:
+        if param.name in SOLVER_PARAMS:
+            values[param.name] = (first or {}).get(param.name,
+                                                   param.choices[0] if param.kind == "choice" else param.low)
+    return apply_solver(solver, values)
+
+
 def check_solver(solver: Message, space: SearchSpace) -> None:
     """Every learning-rate policy the sweep can pick must find the fields it reads (in the solver or the space)."""
     policies = space.choices_of("lr_policy") or (solver.lr_policy,)

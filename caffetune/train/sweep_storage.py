@@ -87,10 +87,11 @@ def open_study(options, storage: optuna.storages.BaseStorage, direction: str) ->
     return study
 
 
-def counts(study: optuna.Study) -> tuple[int, int]:
+def counts(study: optuna.Study, trials: list | None = None) -> tuple[int, int]:
     """(finished, running) trials: finished is complete, pruned, or failed with its own error (a trial whose
-    process died is failed too, but queued again, so it does not count)."""
-    trials = study.get_trials(deepcopy=False)
+    process died is failed too, but queued again, so it does not count; so is one not run because the total was
+    reached). `trials`: the study's trials when the caller has them already."""
+    trials = study.get_trials(deepcopy=False) if trials is None else trials
     finished = sum(1 for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
                    or (t.state == TrialState.FAIL and ERROR_ATTR in t.user_attrs))
     return finished, sum(1 for t in trials if t.state == TrialState.RUNNING)

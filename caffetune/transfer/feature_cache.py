@@ -31,9 +31,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from google.protobuf.message import Message
@@ -67,6 +67,7 @@ class PassProgress:
 class Exactness:
     mirror: bool = False                     # cache both orientations, replay Caffe's flips
     draws_per_image: int = 0                 # the TRAIN transformer's Rand() calls per image (mirror, crop offsets)
+    crops: int = 0                           # --cache-crops K: random crops approximated by K per image
     notes: list[str] = field(default_factory=list)
 
 
@@ -75,8 +76,9 @@ def _data_params(layer: Message) -> Message:
     return layer.image_data_param if L.type_name(layer) == "ImageData" else layer.data_param
 
 
-def check_transform(cut: Cut) -> Exactness:
-    """Whether the TRAIN/TEST transforms can be reproduced from a cache; NetError with the reason when not."""
+def check_transform(cut: Cut, crops: int = 0) -> Exactness:
+    """Whether the TRAIN/TEST transforms can be reproduced from a cache; NetError with the reason when not.
+    `crops`: --cache-crops K, the approximation of random TRAIN crops by K crops per image."""
     result = Exactness()
     for phase, pc in cut.phases.items():
         layer, transform = pc.data_layer, pc.data_layer.transform_param
@@ -87,8 +89,10 @@ def check_transform(cut: Cut) -> Exactness:
         elif getattr(params, "rand_skip", 0):
             why = "rand_skip skips a random number of records at the start"
         elif phase == "TRAIN" and transform.crop_size and _crop_moves(layer):
-            why = (f"crop_size {transform.crop_size} in TRAIN takes a random crop of every image every epoch; a "
-                   "cache of a few crops per image would only approximate it")
+            if not crops:
+                why = (f"crop_size {transform.crop_size} in TRAIN takes a random crop of every image every epoch; "
+                       "--cache-crops K caches K crops per image instead, an approximation")
+            result.crops = crops
         elif phase == "TEST" and transform.mirror:
             why = "mirror: true in the TEST phase flips test images at random"
         if why:
@@ -98,6 +102,11 @@ def check_transform(cut: Cut) -> Exactness:
             raise DatasetError("--cache-features reads LMDB sources only; this one is LevelDB", where=layer.name,
                                fix="rebuild the data with `caffetune build-lmdb`")
     transform = cut.phases["TRAIN"].data_layer.transform_param
+    if result.crops:
+        result.mirror = bool(transform.mirror)
+        result.notes.append(f"random crops approximated: {crops} crop(s) per image cached, one of them (and an "
+                            f"orientation, with mirror) picked per image per epoch; not Caffe's own crops")
+        return result
     if transform.crop_size:                  # as large as the images: Rand(1) offsets, always 0, still drawn
         result.draws_per_image += 2
         result.notes.append(f"crop_size {transform.crop_size} is the images' size: the TRAIN crop never moves")
@@ -235,6 +244,7 @@ class FeatureCache:
     def as_dict(self) -> dict:
         return {"folder": str(self.folder), "reused": self.reused, "bytes": self.bytes,
                 "pass_seconds": self.manifest["pass_seconds"], "mirror": self.manifest["mirror"],
+                "crops": self.manifest.get("crops", 0),
                 "images": {p: v["images"] for p, v in self.manifest["phases"].items()}}
 
 
@@ -277,22 +287,26 @@ def open_cached(folder: Path) -> FeatureCache | None:
 
 
 def build(net: Message, cut: Cut, weights: Path, install: caffe_tools.CaffeInstall, *,
-          progress: Callable[[object], None] | None = None, root: Path | None = None) -> FeatureCache:
+          progress: Callable[[object], None] | None = None, root: Path | None = None,
+          crops: int = 0) -> FeatureCache:
     """The cache for this trunk, weights and data: reused when it exists, else computed with Caffe."""
     progress = progress or (lambda item: None)
-    exact = check_transform(cut)
+    exact = check_transform(cut, crops)
     nets = {phase: trunk_net(net, pc) for phase, pc in cut.phases.items()}
+    if exact.crops:
+        nets["TRAIN"].name += f"-crops{exact.crops}"          # another cache than the exact one
     root = root or cache_root()
     folder = root / cache_key(nets, weights, cut, exact.mirror)
     found = open_cached(folder)
     if found is not None:
         return found
-    estimate = _estimate_bytes(nets, cut, exact.mirror)
+    copies = (2 if exact.mirror else 1) * max(exact.crops, 1)      # TRAIN rows per image in the cache
+    estimate = _estimate_bytes(nets, cut, copies)
     make_room(root, estimate, limit_bytes(), keep=folder)
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=root))
     try:
-        manifest = _compute(nets, cut, weights, install, work, exact.mirror, progress)
+        manifest = _compute(net, nets, cut, weights, install, work, exact, progress)
         files.write_atomic(work / MANIFEST, json.dumps(manifest, indent=2) + "\n")
         try:
             work.rename(folder)
@@ -305,7 +319,7 @@ def build(net: Message, cut: Cut, weights: Path, install: caffe_tools.CaffeInsta
     return _fix_paths(FeatureCache(folder, json.loads((folder / MANIFEST).read_text())))
 
 
-def _estimate_bytes(nets: dict[str, Message], cut: Cut, mirror: bool) -> int:
+def _estimate_bytes(nets: dict[str, Message], cut: Cut, train_copies: int) -> int:
     """The cache's size from the shapes caffetune infers for the trunk nets (0 for a blob of unknown shape)."""
     from caffetune.model import shapes
 
@@ -317,15 +331,27 @@ def _estimate_bytes(nets: dict[str, Message], cut: Cut, mirror: bool) -> int:
             shape = inferred.blobs.get(blob)
             if shape and shapes.is_complete(shape):
                 per_image += int(np.prod(shape[1:])) * 4
-        total += source_size(pc.data_layer) * per_image * (2 if mirror and phase == "TRAIN" else 1)
+        total += source_size(pc.data_layer) * per_image * (train_copies if phase == "TRAIN" else 1)
     return total
 
 
-def _compute(nets: dict[str, Message], cut: Cut, weights: Path, install, work: Path, mirror: bool,
-             progress) -> dict:
+def _compute(net: Message, nets: dict[str, Message], cut: Cut, weights: Path, install, work: Path,
+             exact: Exactness, progress) -> dict:
+    from caffetune.transfer import crop_cache
+
+    mirror = exact.mirror
     names = {phase: dataset_names(pc.blobs) for phase, pc in cut.phases.items()}
-    jobs, manifest = [], {"format": FORMAT, "mirror": mirror, "weights": str(weights), "phases": {}}
+    jobs, manifest = [], {"format": FORMAT, "mirror": mirror, "weights": str(weights), "phases": {},
+                          "crops": exact.crops}
     for phase, pc in cut.phases.items():
+        if phase == "TRAIN" and exact.crops:
+            data_net, trunk = crop_cache.nets(net, pc)
+            paths = work / "data-train.prototxt", work / "trunk-train-crops.prototxt"
+            files.write_atomic(paths[0], prototxt.format(data_net))
+            files.write_atomic(paths[1], prototxt.format(trunk))
+            jobs.append(crop_cache.job(pc, *paths, weights, source_size(pc.data_layer), batch_size(pc.data_layer),
+                                       exact.crops, mirror, names[phase], work))
+            continue
         net_path = work / f"trunk-{phase.lower()}.prototxt"
         files.write_atomic(net_path, prototxt.format(nets[phase]))
         data_tops = set(pc.data_layer.top)
@@ -339,7 +365,11 @@ def _compute(nets: dict[str, Message], cut: Cut, weights: Path, install, work: P
     started = time.perf_counter()
     _run_pass(install, jobs, work, progress)
     seconds = time.perf_counter() - started
-    for job, (phase, pc) in zip(jobs, cut.phases.items()):
+    for job, phase in zip(jobs, cut.phases):
+        if job.get("kind") == "crops":
+            manifest["phases"][phase] = {"images": job["images"], "batch": job["batch"], "datasets": names[phase],
+                                         "crop_files": crop_cache.store(job, work, names[phase], write_hdf5)}
+            continue
         arrays = {b: np.load(path, mmap_mode="r") for b, path in job["blobs"].items()}
         entry = {"images": job["images"], "batch": job["batch"], "datasets": names[phase],
                  "shapes": {b: list(a.shape[1:]) for b, a in arrays.items()},

@@ -54,6 +54,38 @@ def run_job(caffe, job: dict) -> None:
         out.flush()
 
 
+def run_crop_job(caffe, job: dict) -> None:
+    """--cache-crops: the whole images from the data net, K crops (and their mirror images) through the trunk."""
+    data_net = caffe.Net(job["net"], caffe.TEST)
+    trunk = caffe.Net(job["trunk"], caffe.TEST, weights=job["weights"])
+    images, batch, crop, crops = job["images"], job["batch"], job["crop"], job["crops"]
+    features = {blob: _open(path, (job["variants"], images) + trunk.blobs[blob].data.shape[1:])
+                for blob, path in job["blobs"].items()}
+    labels = {blob: _open(path, (images,) + data_net.blobs[blob].data.shape[1:])
+              for blob, path in job["labels"].items()}
+    passes = math.ceil(images / batch)
+    for step in range(passes):
+        data_net.forward()
+        start, take = step * batch, min(batch, images - step * batch)
+        for blob, out in labels.items():
+            out[start:start + take] = data_net.blobs[blob].data[:take]
+        whole = data_net.blobs[job["data"]].data[:take]
+        height, width = whole.shape[2:]
+        offsets = np.random.default_rng([job["seed"], step]).integers(
+            0, [height - crop + 1, width - crop + 1], size=(crops, take, 2))
+        for k in range(crops):
+            cropped = np.stack([whole[i, :, h:h + crop, w:w + crop] for i, (h, w) in enumerate(offsets[k])])
+            orientations = [cropped, cropped[..., ::-1]] if job["mirror"] else [cropped]
+            for o, values in enumerate(orientations):
+                trunk.blobs[job["data"]].data[:take] = values
+                trunk.forward()
+                for blob, out in features.items():
+                    out[k * len(orientations) + o, start:start + take] = trunk.blobs[blob].data[:take]
+        print(f"progress {job['phase']} {step + 1} {passes}", flush=True)
+    for out in list(features.values()) + list(labels.values()):
+        out.flush()
+
+
 def initial_values(caffe, init: dict) -> None:
     caffe.set_random_seed(init["seed"])
     net = caffe.Net(init["net"], caffe.TRAIN)
@@ -70,7 +102,7 @@ def main(argv: list[str]) -> int:
     if spec.get("init"):
         initial_values(caffe, spec["init"])
     for job in spec["jobs"]:
-        run_job(caffe, job)
+        run_crop_job(caffe, job) if job.get("kind") == "crops" else run_job(caffe, job)
     return 0
 
 

@@ -17,9 +17,8 @@ import numpy as np
 from google.protobuf.message import Message
 
 from caffetune.errors import NetError, RunError
-from caffetune.model import caffemodels
+from caffetune.model import caffemodels, schema
 from caffetune.model import layers as L
-from caffetune.model import schema
 from caffetune.surgery.net_edits import copy
 from caffetune.transfer import graft
 from caffetune.transfer.trunk_cut import Cut

@@ -172,3 +172,61 @@ def test_an_autoencoders_reconstruction_loss_scores_no_classes():
            + layer("loss", "SigmoidCrossEntropyLoss", ["decode", "flatdata"], "loss"))
     with pytest.raises(NetError, match="no classifier head"):
         heads.find_heads(prototxt.parse(net))
+
+
+def test_unscored_head_on_compact_bilinear_pooled_and_normalised_features():
+    """A fine-grained (bilinear CNN) deploy net: conv features -> CompactBilinear -> signed sqrt (in place) ->
+    L2 Normalize -> fc, with no Softmax: the pooled, normalised vector is a feature vector."""
+    net = (INPUT + conv("conv5_3", "data", 8) + layer("relu5_3", "ReLU", "conv5_3", "conv5_3")
+           + layer("bilinear", "CompactBilinear", ["conv5_3", "conv5_3"], "bilinear")
+           + layer("signed_sqrt", "SignedSqrt", "bilinear", "bilinear")
+           + layer("l2", "Normalize", "bilinear", "l2") + fc("fc8_cub", "l2", 200))
+    (head,) = heads.find_heads(prototxt.parse(net))
+    assert head.name == "fc8_cub" and "CompactBilinear pooled features of bilinear" in head.reason
+
+
+def test_a_python_layer_is_not_taken_for_a_feature_pooling():
+    """What a Python layer computes is unknown: an unscored fc after one is not guessed to be a classifier."""
+    net = (INPUT + conv("c", "data", 8) + layer("py", "Python", "c", "py", 'python_param { module: "m" layer: "L" }')
+           + fc("fc", "py", 5))
+    with pytest.raises(NetError, match="no classifier head"):
+        heads.find_heads(prototxt.parse(net))
+
+
+def test_probabilities_read_only_by_a_silence_layer_still_score():
+    """Silence consumes a blob so that Caffe does not print it: the Softmax's output still leaves the net."""
+    net = (INPUT + conv("c", "data", 8) + layer("gp", "Pooling", "c", "gp", GLOBAL_POOL) + fc("fc8", "gp", 10)
+           + layer("prob", "Softmax", "fc8", "prob") + 'layer { name: "mute" type: "Silence" bottom: "prob" }\n')
+    (head,) = heads.find_heads(prototxt.parse(net))
+    assert (head.name, head.consumers) == ("fc8", ("prob",))
+
+
+def test_squeeze_and_excitation_through_an_axpy_layer():
+    """SE-ResNeXt's blocks end in Axpy (gate * residual + shortcut): the in-place Sigmoid gate is read by Axpy, so
+    it is an activation and the excitation convs are not heads."""
+    net = (INPUT + conv("c1", "data", 8) + layer("gp", "Pooling", "c1", "gp", GLOBAL_POOL) + conv("down", "gp", 2)
+           + layer("down_relu", "ReLU", "down", "down") + conv("up", "down", 8)
+           + layer("gate", "Sigmoid", "up", "up") + layer("axpy", "Axpy", ["up", "c1", "data"], "block")
+           + layer("pool5", "Pooling", "block", "pool5", GLOBAL_POOL) + fc("classifier", "pool5", 5)
+           + layer("prob", "Softmax", "classifier", "prob"))
+    assert names(net) == ["classifier"]
+
+
+def test_accuracy_on_the_softmax_output_and_loss_on_the_scores_agree():
+    net = (INPUT + conv("c", "data", 4) + layer("gp", "Pooling", "c", "gp", GLOBAL_POOL) + fc("fc8", "gp", 10)
+           + layer("prob", "Softmax", "fc8", "prob") + layer("acc", "Accuracy", ["prob", "label"], "acc")
+           + layer("loss", "SoftmaxWithLoss", ["fc8", "label"], "loss"))
+    (head,) = heads.find_heads(prototxt.parse(net))
+    assert head.name == "fc8" and set(head.consumers) == {"prob", "loss"}
+
+
+def test_lstm_scores_along_axis_two():
+    """LRCN: fc8 (axis 2) on an LSTM's (T, N, D) output, scored by a Softmax along axis 2."""
+    net = (INPUT + fc("fc6", "data", 16) + layer("rs", "Reshape", "fc6", "rs", "reshape_param { shape { dim: 1 "
+                                                                                "dim: 1 dim: 16 } }")
+           + 'layer { name: "lstm1" type: "LSTM" bottom: "rs" bottom: "label" top: "lstm1" '
+             'recurrent_param { num_output: 8 } }\n'
+           + 'layer { name: "fc8-final" type: "InnerProduct" bottom: "lstm1" top: "fc8-final" '
+             'inner_product_param { num_output: 101 axis: 2 } }\n'
+           + layer("probs", "Softmax", "fc8-final", "probs", "softmax_param { axis: 2 }"))
+    assert names(net) == ["fc8-final"]

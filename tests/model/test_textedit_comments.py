@@ -99,3 +99,52 @@ def test_comments_are_carried_even_when_the_old_text_cannot_be_scanned():
     old_text = "# keep me\nname: 'x' layer { name: 'a' @ }"
     result = comments_module.carry_comments(old_text, 'name: "x"\n')
     assert result == '# keep me\nname: "x"\n'
+
+
+V1_TEXT = """# header
+name: "V1"
+layers { name: "data" type: DATA top: "data" top: "label" data_param { source: "a" batch_size: 1 }
+         include: { phase: TRAIN } }
+# the TEST data layer
+layers { name: "data" type: DATA top: "data" top: "label" data_param { source: "b" batch_size: 1 }  # val
+         include: { phase: TEST } }
+# the classifier
+layers { name: "fc8" type: INNER_PRODUCT bottom: "data" top: "fc8" inner_product_param { num_output: 3 } }
+layers { name: "loss" type: SOFTMAX_LOSS bottom: "fc8" bottom: "label" }  # loss
+"""
+
+
+def _upgraded(rename: str | None = None):
+    from caffetune.surgery import net_edits
+
+    old = prototxt.parse(V1_TEXT)
+    new = net_edits.upgrade_v1(old)
+    if rename:
+        new.layer[2].name = rename
+    return old, new
+
+
+def test_an_upgraded_v1_net_keeps_each_comment_before_its_layer():
+    """V1 `layers {}` become `layer {}`: the same layers for their comments, the TEST `data` layer told apart from
+    the TRAIN one by its position among the layers of that name."""
+    old, new = _upgraded()
+    result = textedit.render(V1_TEXT, old, new)
+    assert result is not None and prototxt.parse(result) == new
+    assert comments(result) == comments(V1_TEXT)
+    assert result.index("# the TEST data layer") < result.index('source: "b"')
+    assert result.index('source: "a"') < result.index("# the TEST data layer")
+    assert result.index("# the classifier") < result.index('name: "fc8"') < result.index("# loss")
+
+
+def test_a_comment_of_a_renamed_layer_follows_the_layer_before_it():
+    old, new = _upgraded(rename="fc8_new")
+    result = textedit.render(V1_TEXT, old, new)
+    assert prototxt.parse(result) == new and comments(result) == comments(V1_TEXT)
+    assert result.index('source: "b"') < result.index("# the classifier") < result.index('name: "fc8_new"')
+
+
+def test_v0_entries_are_keyed_by_their_inner_layer_name():
+    text = ('name: "V0"\nlayers { layer { name: "a" type: "relu" } bottom: "x" top: "x" }\n'
+            '# before b\nlayers { layer { name: "b" type: "relu" } bottom: "x" top: "x" }\n')
+    result = comments_module.carry_comments(text, 'name: "V0"\nlayer { name: "a" }\nlayer { name: "b" }\n')
+    assert result == 'name: "V0"\nlayer { name: "a" }\n# before b\nlayer { name: "b" }\n'

@@ -15,6 +15,7 @@ from caffetune.errors import NetError
 from caffetune.model import caffemodels
 from caffetune.train import metrics, runner
 from caffetune.transfer import graft
+
 from helpers import caffe_train, run_pycaffe, save_random_weights, write_tiny_lmdb
 
 DATA = """name: "tiny_frozen"
@@ -236,3 +237,25 @@ def test_cache_features_refuses_with_the_reason_and_the_default_falls_back(tmp_p
     assert result.status == "done" and not (result.run_dir / "feature-cache.json").exists()
     assert any(isinstance(i, runner.Notice) and "random crop" in i.text for i in seen)
     assert re.search(r"conv1 does not need backward", (result.run_dir / "caffe.log").read_text())
+
+
+def test_cache_crops_approximates_random_crops_and_says_so(tmp_path):
+    _, solver, start = setup_net(tmp_path / "data", crop=6, mirror=True)   # 6x6 crops of 8x8 images, flipped
+    seen = []
+    result = runner.start(runner.RunOptions(solver=solver, weights=[start], name="crops", runs_root=tmp_path / "runs",
+                                            cache_features=True, cache_crops=3), callback=seen.append)
+    assert result.status == "done" and set(blobs(result.snapshot)) == {"conv1", "fc_new"}
+    record = json.loads((result.run_dir / "feature-cache.json").read_text())
+    assert record["cache"]["crops"] == 3 and record["mirror"]
+    assert any("approximated" in note for note in record["notes"])
+    assert any(isinstance(i, runner.Notice) and "approximated" in i.text for i in seen)
+    import h5py
+
+    listed = (result.run_dir / "features" / "train-sequence.txt").read_text().split()
+    with h5py.File(listed[0], "r") as handle:
+        rows, labels = handle["conv1"][...], handle["label"][...]
+    assert rows.shape == (30 * 8, 4, 4, 4)                   # max_iter x batch rows of a 6x6 crop's conv1
+    assert (labels == np.arange(30 * 8) % 36 % 4).all()      # record k mod 36, labels cycling through 4 classes
+    first_epoch = rows[:36].reshape(36, -1)
+    assert len({row.tobytes() for row in rows.reshape(len(rows), -1)}) > 36         # several crops per image
+    assert not np.allclose(first_epoch, rows[36:72].reshape(36, -1))               # another crop next epoch

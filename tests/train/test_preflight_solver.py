@@ -191,3 +191,17 @@ def test_solver_type_and_the_old_enum_together_are_an_error_and_caffe_stops(setu
     solver.write_text(solver_text)
     result = caffe_train(caffe_install, solver)
     assert result.returncode != 0 and "cannot be both specified" in result.stderr
+
+
+def test_max_iter_unset_or_zero_is_an_error_and_caffe_trains_nothing(setup, caffe_install):
+    _, net, solver = setup
+    max_iter = re.search(r"max_iter: \d+\n", solver.read_text()).group(0)
+    message = only(check_text(net.read_text(), solver_text=edited(solver, (max_iter, ""))).problems)
+    assert "solver: max_iter is 0 (unset: it defaults to 0)" in message and "--max-iter N" in message
+    solver_text = edited(solver, (max_iter, "max_iter: 0\n"))
+    message = only(check_text(net.read_text(), solver_text=solver_text).problems)
+    assert "max_iter is 0:" in message and "unset" not in message
+    solver.write_text(solver_text)
+    result = caffe_train(caffe_install, solver)   # caffe "succeeds" having trained no iteration
+    assert result.returncode == 0 and "Optimization Done" in result.stderr
+    assert not re.search(r"Iteration [1-9]\d*", result.stderr)

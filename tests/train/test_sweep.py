@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,8 @@ import optuna
 import pytest
 
 from caffetune.model import prototxt
-from caffetune.train import sweep, sweep_results, sweep_space
+from caffetune.train import sweep, sweep_results, sweep_space, sweep_storage
+from caffetune.train.events import Progress
 
 from sweep_helpers import check_trial_runs, finish, trials, worker, write_learnable_classifier
 
@@ -30,27 +32,37 @@ def test_two_workers_share_a_sqlite_study_and_stop_at_its_total(caffe_install, t
     outputs = [finish(first), finish(second)]
     root = tmp_path / "runs" / "lr"
     study = sweep_results.load("lr", None, base=tmp_path)
-    assert len(trials(study)) == 4 and len(trials(study, optuna.trial.TrialState.COMPLETE)) == 4
-    workers = {t.user_attrs["worker"] for t in trials(study)}
+    # Exactly 4 finished trials. When both workers ask for the last place at once, the later trial is not run:
+    # it is a FAIL with the note, not counted, and no worker ran it.
+    complete = trials(study, optuna.trial.TrialState.COMPLETE)
+    assert len(complete) == 4 and sweep_storage.counts(study) == (4, 0)
+    assert all(t.user_attrs.get("note") == sweep.NOT_RUN and "worker" not in t.user_attrs
+               for t in trials(study) if t not in complete)
+    workers = {t.user_attrs["worker"] for t in complete}
     assert len(workers) == 2                                   # both processes ran trials of the one study
     check_trial_runs(study)
-    frozen = next(t for t in trials(study) if t.params["freeze_through"] == "conv1")
+    frozen = next(t for t in complete if t.params["freeze_through"] == "conv1")
     conv1 = next(layer for layer in prototxt.load(Path(frozen.user_attrs["run"]) / "train_val.prototxt").layer
                  if layer.name == "conv1")
     assert [p.lr_mult for p in conv1.param] == [0, 0]
-    assert all("4 of 4 trials finished in lr" in output for output in outputs)
+    # A worker stops as soon as the finished trials and those the other one runs make the total.
+    assert "4 of 4 trials finished in lr (this process ran" in outputs[1] or \
+        "4 of 4 trials finished in lr (this process ran" in outputs[0]
+    assert all(re.search(r"[34] of 4 trials finished in lr(, 1 running in other workers)? \(this process", output)
+               for output in outputs), outputs
     best = json.loads((root / "best.json").read_text())
-    assert best["value"] == max(t.value for t in trials(study))
+    assert best["value"] == max(t.value for t in complete)
     assert (root / "best.caffemodel").read_bytes() == (Path(best["run"]) / "best.caffemodel").read_bytes()
-    assert len((root / "sweep.csv").read_text().splitlines()) == 5
+    assert len((root / "sweep.csv").read_text().splitlines()) == len(trials(study)) + 1
     assert (root / "history.png").read_bytes()[:4] == b"\x89PNG"
     # Running it again finds the study complete: no new trial.
     assert "4 of 4 trials finished" in finish(worker(tmp_path, *args))
-    assert len(trials(sweep_results.load("lr", None, base=tmp_path))) == 4
+    assert len(trials(sweep_results.load("lr", None, base=tmp_path))) == len(trials(study))
     shown = subprocess.run([sys.executable, "-m", "caffetune", "sweep", "--show", "lr", "--json"], cwd=tmp_path,
                            capture_output=True, text=True, check=True)
     data = json.loads(shown.stdout)
-    assert [t["number"] for t in data["trials"]] == [0, 1, 2, 3] and data["best"]["number"] == best["number"]
+    assert [t["number"] for t in data["trials"] if t["state"] == "COMPLETE"] == [t.number for t in complete]
+    assert data["best"]["number"] == best["number"]
 
 
 def test_a_hopeless_trial_is_pruned_early_and_keeps_its_run(caffe_install, tmp_path):
@@ -77,6 +89,12 @@ def test_a_hopeless_trial_is_pruned_early_and_keeps_its_run(caffe_install, tmp_p
     assert huge.user_attrs["note"].startswith("diverged") and huge.user_attrs["iterations"] < 20000
     finished = [item for item in seen if isinstance(item, sweep.TrialFinished)]
     assert [item.state for item in finished] == ["COMPLETE", "COMPLETE", "PRUNED", "PRUNED"]
+    # The progress bar of the pruned trial ends where caffe stopped, not at max_iter (caffe prints "Optimization
+    # Done." after a graceful stop too).
+    tiny_items = seen[seen.index(next(i for i in seen if isinstance(i, sweep.TrialStarted) and i.number == 2)):
+                      seen.index(finished[2])]
+    last = [item for item in tiny_items if isinstance(item, Progress)][-1]
+    assert (last.iteration, last.max_iter) == (tiny.user_attrs["iterations"], 20000)
     check_trial_runs(study)
 
 
@@ -104,8 +122,10 @@ def test_a_killed_worker_s_trial_is_failed_by_heartbeat_and_the_study_continues(
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.communicate()
-    for pid in _caffe_in(long_run):   # the worker's caffe outlives it (its own session): end it too
-        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5    # the worker's caffe dies with it (PR_SET_PDEATHSIG)
+    while _caffe_in(long_run) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _caffe_in(long_run) == []
     study = sweep_results.load("kill", None, base=tmp_path)
     assert [t.state.name for t in trials(study)] == ["COMPLETE", "RUNNING"]
     time.sleep(3)                      # past the grace period (2 heartbeats) of the dead worker's trial
@@ -141,3 +161,21 @@ def test_sigterm_stops_the_trial_like_ctrl_c_and_queues_its_values_again(caffe_i
     assert stopped.user_attrs["iterations"] < 200000
     assert list((run / "snapshots").glob(f"*_iter_{stopped.user_attrs['iterations']}.solverstate"))
     assert _caffe_in(run) == []                         # caffe snapshotted and exited with its worker
+
+
+def test_with_metric_loss_best_caffemodel_is_the_snapshot_of_the_lowest_test_loss(caffe_install, tmp_path):
+    _, solver = write_learnable_classifier(tmp_path / "data", max_iter=40, test_interval=10)
+    options = sweep.SweepOptions(solver=solver, name="loss", space=sweep_space.parse(["base_lr=log:1e-3:1e-1"]),
+                                 trials=1, metric="loss", prune=False, enqueue=[{"base_lr": 0.01}])
+    result = sweep.run(options, base=tmp_path)
+    trial = trials(sweep_results.load("loss", None, base=tmp_path))[0]
+    run = Path(trial.user_attrs["run"])
+    tests = {r["iteration"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if r["phase"] == "test"}
+    lowest = min(tests, key=tests.get)
+    assert result.best["value"] == trial.value == tests[lowest] and lowest > 0     # minimised
+    kept = json.loads((run / sweep_results.METRIC_JSON).read_text())
+    assert (kept["iteration"], kept["metric"], kept["value"]) == (lowest, "loss", tests[lowest])
+    assert result.best["snapshot"]["iteration"] == lowest
+    root = tmp_path / "runs" / "loss"
+    assert (root / "best.caffemodel").read_bytes() == (run / sweep_results.METRIC_WEIGHTS).read_bytes()

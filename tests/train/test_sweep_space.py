@@ -114,6 +114,24 @@ def test_solver_values_go_to_a_copy_with_the_schema_types():
     assert sweep_space.value_type("max_iter") is int and sweep_space.value_type("base_lr") is float
 
 
+def test_the_sweep_preflights_a_solver_with_the_swept_fields_set():
+    """A base solver without base_lr / max_iter is fine when the sweep sets them: the one preflight sees the first
+    --try's values, else the first choice or the low end; the other fields stay the base solver's."""
+    from caffetune.train import checks_solver
+    from caffetune.train.checks_common import Run
+
+    base = prototxt.parse('net: "x"\nlr_policy: "fixed"\n', "SolverParameter")
+    space = sweep_space.parse(["base_lr=log:1e-4:1e-1", "max_iter=choice:200,100", "freeze_through=choice:a,none"])
+    checked = sweep_space.preflight_solver(base, space)
+    assert (checked.base_lr, checked.max_iter, checked.lr_policy) == (pytest.approx(1e-4), 200, "fixed")
+    assert not base.HasField("base_lr") and not base.HasField("max_iter")          # a copy
+    assert checks_solver.check_solver(Run(nets={}, solver=checked)) == []
+    assert [p.what for p in checks_solver.check_solver(Run(nets={}, solver=base))] == [
+        "base_lr is 0 (unset)", "max_iter is 0 (unset: it defaults to 0)"]
+    tried = sweep_space.preflight_solver(base, space, {"base_lr": 0.05, "freeze_through": "a"})
+    assert (tried.base_lr, tried.max_iter) == (pytest.approx(0.05), 200)
+
+
 def test_a_policy_the_solver_cannot_run_is_refused_before_any_trial():
     solver = prototxt.parse('net: "x"\nbase_lr: 0.01\nlr_policy: "fixed"\nmax_iter: 10\n', "SolverParameter")
     sweep_space.check_solver(solver, sweep_space.parse(["base_lr=log:1e-4:1e-1"]))
