@@ -274,11 +274,31 @@ def _feature_vector_input(entries: list, layer: Message, index: int, sizes: dict
                 if shaped and kind == "InnerProduct" else None
         if any(word in kind for word in _VECTOR_POOLS):
             return f"it reads the {kind} pooled features of {writer.name}"
+        sliced = _maxout_input(entries, writer, source)
+        if sliced is not None:       # max-feature-map (LightCNN): an activation over the halves of one blob
+            shaped = writer.name
+            blob, position = sliced
+            continue
         if not writer.bottom or (kind not in _FEATURE_PASS and not layers.is_in_place(writer)):
             return None
         if kind in ACTIVATIONS or kind == "Dropout":
             shaped = writer.name
         blob, position = writer.bottom[0], source
+
+
+def _maxout_input(entries: list, layer: Message, index: int) -> tuple[str, int] | None:
+    """(blob, position) that a maxout reads: an Eltwise MAX whose inputs are all the tops of one Slice, None for
+    any other layer."""
+    if layers.type_name(layer) != "Eltwise" or _field(layers.param_message(layer), "operation", 1) != 2:  # 2: MAX
+        return None
+    sources = {producer(entries, blob, index) for blob in layer.bottom}
+    if len(sources) != 1 or None in sources:
+        return None
+    (source,) = sources
+    splitter = entries[source]
+    if layers.type_name(splitter) != "Slice" or set(splitter.top) != set(layer.bottom) or not splitter.bottom:
+        return None
+    return splitter.bottom[0], source
 
 
 def _blob_sizes(net: Message) -> dict | None:

@@ -132,10 +132,44 @@ def train_val_from_deploy(net: Message, heads: list[Head], classes: int, data: D
     return result
 
 
+def _declared_size(layer: Message) -> tuple[int, int, int] | None:
+    """(channels, height, width) that an Input, DummyData or MemoryData layer declares for its first top."""
+    kind = layers.type_name(layer)
+    fields = layer.DESCRIPTOR.fields_by_name
+    shaped = {"Input": "input_param", "DummyData": "dummy_data_param"}.get(kind)
+    if shaped in fields:
+        params = getattr(layer, shaped)
+        dims = list(params.shape[0].dim) if params.shape else []
+        if kind == "DummyData" and not dims and params.num:      # the legacy num/channels/height/width lists
+            dims = [params.num[0], params.channels[0], params.height[0], params.width[0]]
+        return tuple(dims[1:]) if len(dims) == 4 else None
+    if kind == "MemoryData" and "memory_data_param" in fields:
+        params = layer.memory_data_param
+        return (params.channels, params.height, params.width) if params.height and params.width else None
+    return None
+
+
+def _stacked_channels(layer: Message, channels: int) -> int:
+    """Channels of a video data layer that stacks `new_length` frames (TSN's VideoData, asked of the schema): two
+    per optical-flow frame (x and y), else the image's channels per frame."""
+    params = layers.param_message(layer)
+    fields = params.DESCRIPTOR.fields_by_name if params is not None else {}
+    if "new_length" not in fields:
+        return channels
+    modality = fields.get("modality")
+    flow = modality is not None and modality.enum_type is not None and \
+        modality.enum_type.values_by_number[params.modality].name == "FLOW"
+    return params.new_length * (2 if flow else channels)
+
+
 def _input_size(layer: Message) -> tuple[int, int, int]:
-    """(channels, height, width) a Data/ImageData layer feeds, from its crop or resize settings."""
+    """(channels, height, width) a data layer feeds: declared (Input, DummyData, MemoryData), else from its crop or
+    resize settings or its LMDB's first Datum."""
+    declared = _declared_size(layer)
+    if declared:
+        return declared
     transform = layer.transform_param
-    channels = 1 if len(transform.mean_value) == 1 else 3
+    channels = _stacked_channels(layer, 1 if len(transform.mean_value) == 1 else 3)
     if transform.crop_size:
         return channels, transform.crop_size, transform.crop_size
     image = layer.image_data_param
@@ -168,6 +202,14 @@ def _needed_layers(entries: list[Message], outputs: set[str]) -> list[Message]:
     return list(reversed(kept))
 
 
+def _is_data(layer: Message) -> bool:
+    """Caffe's data layers, and a fork's (TSN's VideoData): no input, and a transform_param for what it reads."""
+    if layers.type_name(layer) in layers.DATA_TYPES:
+        return True
+    return not layer.bottom and bool(layer.top) and "transform_param" in layer.DESCRIPTOR.fields_by_name and \
+        layer.HasField("transform_param")
+
+
 def _runs_in_test(layer: Message) -> bool:
     return "TEST" in layers.phases(layer)
 
@@ -184,7 +226,7 @@ def _deploy_score_blob(net: Message, head: Head) -> str:
 def deploy_from_train_val(net: Message, heads: list[Head]) -> Message:
     """The deploy net of a train_val net: Input layer, the layers feeding the main head, Softmax `prob`."""
     entries = layers.all_layers(net)
-    data = [layer for layer in entries if layers.type_name(layer) in layers.DATA_TYPES]
+    data = [layer for layer in entries if _is_data(layer)]
     if not data:
         raise NetError("the net has no data layer to derive the deploy input from")
     source = next((layer for layer in data if "TEST" in layers.phases(layer)), data[0])
@@ -192,7 +234,7 @@ def deploy_from_train_val(net: Message, heads: list[Head]) -> Message:
     blob = source.top[0]
     main = heads[-1]
     score = _deploy_score_blob(net, main)
-    body = [copy(layer) for layer in entries if layers.type_name(layer) not in layers.DATA_TYPES and not _is_loss(layer)
+    body = [copy(layer) for layer in entries if not _is_data(layer) and not _is_loss(layer)
             and layers.type_name(layer) != "Accuracy" and _runs_in_test(layer)]
     for layer in body:
         layer.ClearField("include")

@@ -35,11 +35,12 @@ from optuna.trial import TrialState
 from caffetune import files
 from caffetune.errors import DivergedError, RunError, SweepError
 from caffetune.model import caffe_tools, prototxt
-from caffetune.train import preflight, runner, sweep_results, sweep_space
+from caffetune.train import cached_run, preflight, runner, sweep_results, sweep_space
 from caffetune.train import run_dir as run_files
 from caffetune.train.logparse import Record, main_accuracy
 from caffetune.train.sweep_space import SearchSpace
 from caffetune.train.sweep_storage import ERROR_ATTR, counts, open_storage, open_study, storage_url
+from caffetune.transfer import top_net
 
 MAIN_ACCURACY = "accuracy"           # the default metric: the run's main accuracy (as best.caffemodel ranks)
 
@@ -268,9 +269,11 @@ class _Objective:
             transform_net=sweep_space.net_transform(values), on_record=watch.on_record)
         options = _with_cache_features(options, values, self.options.cache_features)
         try:
-            return runner.start(options, callback=watch, base=self.base)
+            result = runner.start(options, callback=watch, base=self.base)
         finally:
             staged.unlink(missing_ok=True)
+        _full_net_metric_weights(result.run_dir)
+        return result
 
     def _failed(self, trial: optuna.Trial, values: dict, watch: _TrialWatch, run_dir: Path,
                 error: RunError) -> float:
@@ -313,6 +316,15 @@ class _Objective:
     def _requeue(self, trial: optuna.Trial, values: dict) -> None:
         trial.set_user_attr("note", "interrupted")
         trial.study.enqueue_trial(values)
+
+
+def _full_net_metric_weights(run_dir: Path) -> None:
+    """A trial trained on cached features snapshots the top net only: its best-metric.caffemodel gets the frozen
+    trunk back, as the run's hook does for its snapshots and best.caffemodel."""
+    path = run_dir / sweep_results.METRIC_WEIGHTS
+    cached = cached_run.load(run_dir) if path.is_file() else None
+    if cached is not None and top_net.is_top_only(path, cached.cut):
+        top_net.assemble(cached.original_weights, cached.full_net, path, path, cached.cut)
 
 
 def _with_cache_features(options: runner.RunOptions, values: dict, default: bool | None) -> runner.RunOptions:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -450,8 +449,6 @@ def _fix_paths(cache: FeatureCache) -> FeatureCache:
 
 
 def describe_bytes(count: int) -> str:
+    if count < 1e6:
+        return f"{count / 1e3:.1f} kB"
     return f"{count / 1e6:.1f} MB" if count < 1e9 else f"{count / 1e9:.2f} GB"
-
-
-def ceil_div(a: int, b: int) -> int:
-    return math.ceil(a / b)

@@ -230,3 +230,18 @@ def test_lstm_scores_along_axis_two():
              'inner_product_param { num_output: 101 axis: 2 } }\n'
            + layer("probs", "Softmax", "fc8-final", "probs", "softmax_param { axis: 2 }"))
     assert names(net) == ["fc8-final"]
+
+
+def test_unscored_head_after_a_max_feature_map():
+    """LightCNN-style face classifier deploy: fc1 -> Slice -> Eltwise MAX (max-feature-map, an activation) ->
+    Dropout -> fc2, with no Softmax."""
+    mfm = ('layer { name: "slice" type: "Slice" bottom: "fc1" top: "s1" top: "s2" slice_param { axis: 1 } }\n'
+           'layer { name: "mfm" type: "Eltwise" bottom: "s1" bottom: "s2" top: "mfm" '
+           'eltwise_param { operation: MAX } }\n')
+    net = (INPUT + conv("c", "data", 8) + fc("fc1", "c", 16) + mfm + layer("drop", "Dropout", "mfm", "mfm")
+           + fc("fc2", "mfm", 10575))
+    (head,) = heads.find_heads(prototxt.parse(net))
+    assert head.name == "fc2" and "features of fc1 after mfm" in head.reason
+    summed = net.replace("operation: MAX", "operation: SUM")     # a sum of two halves is not an activation
+    with pytest.raises(NetError, match="no classifier head"):
+        heads.find_heads(prototxt.parse(summed))

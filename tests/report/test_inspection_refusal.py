@@ -2,9 +2,9 @@
 classifier rule's "no classifier head found"."""
 from __future__ import annotations
 
+from caffetune.model import prototxt
 from caffetune.report import inspection
 from caffetune.surgery import class_layers
-from caffetune.model import prototxt
 
 # A text-proposal net: 2-way (text / not text) scores per anchor, which no class count can be set on.
 PROPOSALS = """
