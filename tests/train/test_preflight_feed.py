@@ -90,7 +90,8 @@ def test_training_labels_of_one_class_are_an_error_and_caffe_learns_to_answer_it
     text = net.read_text().replace(str(folder / "tiny" / "train_lmdb"), str(folder / "one_class"))
     message = only(check_text(text, caffe_install, solver_text=solver.read_text()).problems)
     assert "every one of the 32 training records has label 0" in message and "one_class" in message
-    result = train(caffe_install, folder / "tiny", text, solver.read_text())
+    # Seeded: from an unlucky random start 20 iterations may not be enough to reach the perfect loss.
+    result = train(caffe_install, folder / "tiny", text, solver.read_text() + "random_seed: 7\n")
     assert result.returncode == 0
     assert _losses(result)[-1] < 0.1   # a perfect training loss ...
     accuracies = re.findall(r"Test net output #0: accuracy = (\S+)", result.stderr)
