@@ -83,8 +83,10 @@ _PR_SET_PDEATHSIG = 1     # <linux/prctl.h>
 def die_with_parent() -> Callable[[], None] | None:
     """A preexec_fn that makes the child get SIGKILL when this process dies (Linux prctl PR_SET_PDEATHSIG; None
     elsewhere). Without it a caffe in its own session outlives a killed caffetune and trains on, unwatched, until
-    max_iter. libc is looked up here, in the parent, so that the child between fork and exec only makes the call.
-    The signal follows the death of the thread that started caffe: run_caffe waits for caffe in that thread."""
+    its next log line meets the broken pipe (SIGPIPE): with display 0, or a long display interval and no data
+    layer output, that may be max_iter. libc is looked up here, in the parent, so that the child between fork and
+    exec only makes the call. The signal follows the death of the thread that started caffe: run_caffe waits for
+    caffe in that thread."""
     if not sys.platform.startswith("linux"):
         return None
     prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
