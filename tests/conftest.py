@@ -21,6 +21,15 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(pytest.mark.caffe)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _feature_cache_outside_the_user_cache(tmp_path_factory):
+    """`caffetune run` caches a frozen trunk's outputs (on by default): tests keep them in a temporary folder."""
+    import os
+
+    if "CAFFETUNE_FEATURE_CACHE" not in os.environ:
+        os.environ["CAFFETUNE_FEATURE_CACHE"] = str(tmp_path_factory.mktemp("feature-cache"))
+
+
 @pytest.fixture(scope="session")
 def caffe_install() -> caffe_tools.CaffeInstall:
     """The real Caffe built by `make setup`. Missing Caffe fails the test: these tests must run in CI."""
