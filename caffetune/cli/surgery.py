@@ -61,6 +61,8 @@ def _print_plan(result, to) -> None:
 @click.option("--snapshot", type=int, help="snapshot every N iterations")
 @click.option("--snapshot-prefix")
 @click.option("--solver-mode", type=click.Choice(["CPU", "GPU"], case_sensitive=False))
+@click.option("--random-seed", type=click.IntRange(min=0),
+              help="seed of caffe's random draws (fillers, dropout, mirror): a run repeats exactly")
 @click.option("-o", "--output", metavar="PATH", help="output file, or directory for several nets")
 @click.option("--in-place", is_flag=True, help="overwrite the input net (and --solver file)")
 @click.option("--diff", "show_diff", is_flag=True, help="print a unified diff instead of writing")
@@ -69,7 +71,8 @@ def _print_plan(result, to) -> None:
 def rewrite(net, classes, name, rename, heads, weights, new_lr_mult, freeze, freeze_through, backbone_lr_mult,
             class_weights, upgrade, train_source, val_source, batch_size, val_batch_size, mean_file, mean_value,
             crop_size, mirror, solver, epochs, train_size, val_size, base_lr, lr_policy, stepsize, gamma, max_iter,
-            test_interval, snapshot, snapshot_prefix, solver_mode, output, in_place, show_diff, check, as_json) -> None:
+            test_interval, snapshot, snapshot_prefix, solver_mode, random_seed, output, in_place, show_diff, check,
+            as_json) -> None:
     """Replace the classifier head(s) of NET for CLASSES classes and set the learning-rate policy."""
     from caffetune.surgery.net_edits import DataOptions
     from caffetune.surgery.rewrite import Options, rewrite_files
@@ -90,7 +93,7 @@ def rewrite(net, classes, name, rename, heads, weights, new_lr_mult, freeze, fre
         solver=solver, solver_options=SolverOptions(
             base_lr=base_lr, lr_policy=lr_policy, stepsize=stepsize, gamma=gamma, max_iter=max_iter, epochs=epochs,
             test_interval=test_interval, train_size=train_size, val_size=val_size, snapshot=snapshot,
-            snapshot_prefix=snapshot_prefix, solver_mode=solver_mode))
+            snapshot_prefix=snapshot_prefix, solver_mode=solver_mode, random_seed=random_seed))
     progress = (lambda line: err.print(line)) if not as_json else None
     result = rewrite_files(net, options, output=output, in_place=in_place, write=not (show_diff or check),
                            progress=progress)

@@ -124,7 +124,7 @@ def rewrite_options(report: DemoReport, options: DemoOptions) -> rewrite.Options
                        batch_size=options.batch_size, mean_value=mean, mirror=False)
     max_iter, stepsize = schedule(report.train_count, options)
     solver = SolverOptions(base_lr=options.base_lr, lr_policy="step", max_iter=max_iter, stepsize=stepsize,
-                           solver_mode="CPU", snapshot=0)
+                           solver_mode="CPU", snapshot=0, random_seed=options.seed)
     return rewrite.Options(classes=len(options.classes), name="fashion", weights=str(report.model.weights),
                            freeze="backbone", data=data, solver="template", solver_options=solver)
 
@@ -162,6 +162,7 @@ def user_commands(report: DemoReport, options: DemoOptions) -> list[str]:
         f"--batch-size {options.batch_size} --mean-value {mean} --no-mirror --solver template "
         f"--base-lr {options.base_lr:g} "
         f"--lr-policy step --max-iter {max_iter} --stepsize {stepsize} --snapshot 0 --solver-mode CPU "
+        f"--random-seed {options.seed} "
         f"-o {q(str(report.model_dir))}",
         f"caffetune run --solver {q(str(report.model_dir / 'solver.prototxt'))} "
         f"--weights {q(str(report.model.weights))} --runs-dir {q(str(out / 'runs'))} --name fashion",

@@ -42,6 +42,7 @@ class SolverOptions:
     snapshot: int | None = None
     snapshot_prefix: str | None = None
     solver_mode: str | None = None        # "CPU" or "GPU"
+    random_seed: int | None = None        # fillers, dropout, mirror and shuffle draws repeat from run to run
 
 
 def template_text(name: str = "solver.prototxt") -> str:
@@ -86,7 +87,7 @@ def schedule(options: SolverOptions) -> dict:
         fields["stepsize"] = options.stepsize
     elif "max_iter" in fields and (options.epochs or options.max_iter):
         fields["stepsize"] = max(1, fields["max_iter"] // 3)
-    for name in ("base_lr", "lr_policy", "gamma", "snapshot", "snapshot_prefix"):
+    for name in ("base_lr", "lr_policy", "gamma", "snapshot", "snapshot_prefix", "random_seed"):
         if getattr(options, name) is not None:
             fields[name] = getattr(options, name)
     if options.solver_mode:

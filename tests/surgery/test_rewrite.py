@@ -260,3 +260,11 @@ def test_solver_schedule_from_dataset_sizes():
     assert fields == {"test_iter": 5, "test_interval": 32, "max_iter": 128, "stepsize": 42}
     with pytest.raises(NetError, match="training set size"):
         schedule(SolverOptions(epochs=4))
+
+
+def test_random_seed_goes_into_the_solver():
+    from caffetune.surgery.solver import SolverOptions, rewrite, template_text
+
+    solver = rewrite(prototxt.parse(template_text(), "SolverParameter"), SolverOptions(random_seed=0, max_iter=10))
+    assert solver.HasField("random_seed") and solver.random_seed == 0     # 0 is a seed, not "unset"
+    assert not rewrite(prototxt.parse(template_text(), "SolverParameter"), SolverOptions()).HasField("random_seed")
