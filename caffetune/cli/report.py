@@ -84,11 +84,13 @@ def draw(net: str, output: str, phase: str, rankdir: str) -> None:
 @click.option("--labels", type=click.Path(dir_okay=False, exists=True), help="class names, one a line")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--limit", type=int, help="evaluate only the first N images")
+@click.option("--workers", type=click.IntRange(min=1), help="pycaffe processes scoring shards of the images "
+              "(default: one per core)")
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="folder for confusion.png/.txt, eval.json")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @click.pass_obj
 def evaluate_command(obj: Context, model, weights, data, mean_file, mean_value, scale, labels, batch_size, limit,
-                     output, as_json) -> None:
+                     workers, output, as_json) -> None:
     """Top-1, top-5, per-class accuracy and a confusion matrix of a deploy net on a dataset (pycaffe)."""
     from pathlib import Path
 
@@ -97,7 +99,7 @@ def evaluate_command(obj: Context, model, weights, data, mean_file, mean_value, 
     preprocessing = evaluate.Preprocessing(Path(mean_file) if mean_file else None,
                                            list(mean_value) if mean_value else None, scale)
     report = evaluate.evaluate(model, weights, data, preprocessing=preprocessing, labels_file=labels,
-                               batch_size=batch_size, limit=limit, caffe=obj.caffe)
+                               batch_size=batch_size, limit=limit, caffe=obj.caffe, workers=workers)
     if output:
         evaluate.write_outputs(report, output)
     if as_json:

@@ -68,7 +68,7 @@ def parse_datum(value: bytes, where: str):
     return datum
 
 
-def _image_of(datum, where: str) -> np.ndarray:
+def image_of(datum, where: str) -> np.ndarray:
     try:
         return datum_to_image(datum)
     except UnreadableImage as error:
@@ -113,7 +113,7 @@ def entry_count(db_path: Path | str) -> int:
 def iter_records(db_path: Path | str, limit: int | None = None) -> Iterator[tuple[str, np.ndarray, int]]:
     """(key, HxWxC uint8 BGR image, label) in key order; encoded Datums are decoded as Caffe decodes them."""
     for key, datum in iter_datums(db_path, limit):
-        yield key, _image_of(datum, f"{db_path} (key {key})"), datum.label
+        yield key, image_of(datum, f"{db_path} (key {key})"), datum.label
 
 
 def _read_varint(buffer: memoryview, position: int) -> tuple[int, int]:
@@ -166,7 +166,7 @@ def summarize(db_path: Path | str) -> DbSummary:
             for key, value in txn.cursor():
                 if summary.count == 0:
                     first = parse_datum(bytes(value), f"{db_path} (key {bytes(key).decode('utf-8', 'replace')})")
-                    image = _image_of(first, f"{db_path} (first record)")
+                    image = image_of(first, f"{db_path} (first record)")
                     summary.encoded, summary.shape = bool(first.encoded), (image.shape[2], image.shape[0],
                                                                            image.shape[1])
                 label = label_of(value)

@@ -9,8 +9,13 @@ Reports top-1, top-5, per-class accuracy and the confusion matrix (text and PNG)
 from __future__ import annotations
 
 import io
+import itertools
 import json
+import multiprocessing
+import os
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +23,7 @@ import numpy as np
 
 from caffetune import files
 from caffetune.data import imagelist, lmdb_reader, mean
-from caffetune.errors import DatasetError, NetError
+from caffetune.errors import CaffetuneError, DatasetError, NetError
 from caffetune.model import caffe_tools, prototxt
 
 TEXT_MATRIX_LIMIT = 30   # above this many classes the text report lists the largest confusions instead
@@ -52,15 +57,28 @@ class EvalReport:
 
 
 # --- images -----------------------------------------------------------------------------------------------------
-def iter_labelled_images(data: Path | str, gray: bool = False,
-                         limit: int | None = None) -> tuple[Iterator[tuple[np.ndarray, int]], list[str] | None]:
-    """(HxWxC BGR uint8 image, label) from an LMDB or a folder of class folders, and the folder's class names."""
+def _is_folder(data: Path) -> bool:
+    return data.is_dir() and not (data / "data.mdb").is_file() and any(p.is_dir() for p in data.iterdir())
+
+
+def iter_labelled_images(data: Path | str, gray: bool = False, limit: int | None = None, start: int = 0,
+                         stop: int | None = None) -> tuple[Iterator[tuple[np.ndarray, int]], list[str] | None]:
+    """(HxWxC BGR uint8 image, label) from an LMDB or a folder of class folders, and the folder's class names.
+    `start`/`stop` select the items [start, stop) of the first `limit`; skipped LMDB records are never decoded."""
     data = Path(data)
-    if data.is_dir() and not (data / "data.mdb").is_file() and any(p.is_dir() for p in data.iterdir()):
+    if _is_folder(data):
         listing = imagelist.from_folder(data)
-        records = listing.records[:limit] if limit else listing.records
+        records = (listing.records[:limit] if limit else listing.records)[start:stop]
         return (_read_image(listing.root / r.path, gray, r.label) for r in records), listing.label_names
-    return ((image, label) for _key, image, label in lmdb_reader.iter_records(data, limit)), None
+    selected = itertools.islice(lmdb_reader.iter_datums(data, limit), start, stop)
+    return ((lmdb_reader.image_of(datum, f"{data} (key {key})"), datum.label) for key, datum in selected), None
+
+
+def dataset_size(data: Path | str, limit: int | None = None) -> int:
+    """Images in an LMDB or a folder of class folders (at most `limit`)."""
+    data = Path(data)
+    count = len(imagelist.from_folder(data).records) if _is_folder(data) else lmdb_reader.entry_count(data)
+    return min(count, limit) if limit else count
 
 
 def _read_image(path: Path, gray: bool, label: int) -> tuple[np.ndarray, int]:
@@ -140,7 +158,7 @@ def predict_scores(net, images: Iterator[tuple[np.ndarray, int]], pre: Preproces
         scores.append(result.reshape(len(batch), -1).copy())
         labels += [label for _, label in batch]
     if not labels:
-        raise DatasetError("no images to evaluate", fix="pass a non-empty LMDB or image folder")
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
     return np.concatenate(scores), np.asarray(labels)
 
 
@@ -175,18 +193,74 @@ def _class_names(count: int, labels_file, folder_names: list[str] | None) -> lis
 
 def evaluate(model: Path | str, weights: Path | str, data: Path | str, *, preprocessing: Preprocessing | None = None,
              labels_file: Path | str | None = None, batch_size: int = 32, limit: int | None = None,
-             caffe: str | None = None) -> EvalReport:
-    """Run a deploy net over a labelled dataset with pycaffe and score it."""
+             caffe: str | None = None, workers: int | None = None) -> EvalReport:
+    """Run a deploy net over a labelled dataset with pycaffe and score it.
+
+    With several cores the images are split into `workers` contiguous shards (default: one per usable core), each
+    scored by its own single-threaded pycaffe process: Caffe's CPU convolution loops over the images of a batch and
+    threads only the matrix products, so whole processes use the cores better than BLAS threads (about 1.4x on two
+    cores). The scores are the same as one process's, in the same order."""
     pre = preprocessing or Preprocessing()
     prototxt.load(model)  # a parse error names file:line:col before pycaffe aborts on it
-    pycaffe = caffe_tools.import_pycaffe(caffe_tools.find_caffe(caffe))
+    install = caffe_tools.find_caffe(caffe)
+    count = dataset_size(data, limit)
+    shards = _shards(count, batch_size, workers or len(os.sched_getaffinity(0)))
+    job = (str(model), str(weights), str(data), pre, batch_size, limit, str(install.binary))
+    if len(shards) <= 1:
+        scores, labels = _score_shard(*job, 0, None, in_process=True)
+    else:
+        scores, labels = _score_in_processes(job, shards)
+    if not len(labels):
+        raise DatasetError("no images to evaluate", fix="pass a non-empty LMDB or image folder")
+    _, folder_names = iter_labelled_images(data, limit=0) if _is_folder(Path(data)) else (None, None)
+    return score(scores, labels, _class_names(scores.shape[1], labels_file, folder_names))
+
+
+def _shards(count: int, batch_size: int, workers: int) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) ranges of whole batches, one per worker (fewer when there are few batches)."""
+    batches = -(-count // batch_size)
+    workers = max(1, min(workers, batches // 2 or 1))     # a shard of one batch costs more to start than it saves
+    bounds = [batches * k // workers * batch_size for k in range(workers + 1)]
+    return [(bounds[k], min(bounds[k + 1], count)) for k in range(workers)]
+
+
+def _score_shard(model: str, weights: str, data: str, pre: Preprocessing, batch_size: int, limit: int | None,
+                 binary: str, start: int, stop: int | None, in_process: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    if not in_process:
+        os.environ["OPENBLAS_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = "1"   # before libcaffe loads BLAS
+    pycaffe = caffe_tools.import_pycaffe(caffe_tools.find_caffe(binary))
     pycaffe.set_mode_cpu()
-    net = pycaffe.Net(str(model), pycaffe.TEST, weights=str(weights))
+    net = pycaffe.Net(model, pycaffe.TEST, weights=weights)
     mean_chw = mean.load(pre.mean_file) if pre.mean_file else None
     channels = net.blobs[_input_name(net)].data.shape[1]
-    images, folder_names = iter_labelled_images(data, gray=channels == 1, limit=limit)
-    scores, labels = predict_scores(net, images, pre, batch_size, mean_chw)
-    return score(scores, labels, _class_names(scores.shape[1], labels_file, folder_names))
+    images, _ = iter_labelled_images(data, gray=channels == 1, limit=limit, start=start, stop=stop)
+    return predict_scores(net, images, pre, batch_size, mean_chw)
+
+
+def _score_in_processes(job: tuple, shards: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Each shard in a fresh (spawned) process; a Caffe abort in one is an error here, not a hang."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(len(shards), mp_context=context) as pool:
+        futures = [pool.submit(_score_shard_safely, *job, start, stop) for start, stop in shards]
+        try:
+            results = [future.result() for future in futures]
+        except BrokenProcessPool:
+            raise NetError("pycaffe aborted while scoring the images (a Caffe CHECK failed)", where=job[0],
+                           fix="run `caffetune inspect` on the net and weights, or `caffetune eval --workers 1` "
+                               "to see Caffe's own message") from None
+    for result in results:
+        if isinstance(result, str):
+            raise NetError(f"scoring the images failed: {result}", where=job[0])
+    return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
+
+
+def _score_shard_safely(*args):
+    """A worker's errors come back as their message (typed errors with extra fields do not always unpickle)."""
+    try:
+        scores, labels = _score_shard(*args)
+        return scores, labels
+    except (CaffetuneError, OSError, ValueError) as error:
+        return str(error)
 
 
 # --- output -----------------------------------------------------------------------------------------------------

@@ -146,3 +146,28 @@ def test_eval_subtracts_a_mean_file_before_the_centre_crop(linear):
     for true, guess in expected:
         confusion[true, guess] += 1
     np.testing.assert_array_equal(report.confusion, confusion)
+
+
+def test_shards_are_contiguous_whole_batches_covering_every_image():
+    assert evaluate._shards(30, 4, 3) == [(0, 8), (8, 20), (20, 30)]
+    assert evaluate._shards(30, 7, 8) == [(0, 14), (14, 30)]        # 5 batches: at least two batches a shard
+    assert evaluate._shards(5, 32, 2) == [(0, 5)]
+
+
+@pytest.mark.parametrize("source", ["lmdb", "folder"])
+def test_scoring_in_several_processes_gives_what_one_process_gives(linear, tmp_path, source):
+    folder, deploy, weights, db, *_ = linear
+    data = db
+    if source == "folder":
+        from caffetune.data import lmdb_reader
+
+        data = tmp_path / "images"
+        for index, (_key, image, label) in enumerate(lmdb_reader.iter_records(db)):
+            (data / f"class{label}").mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(data / f"class{label}" / f"{index:03d}.png"), image)
+    pre = evaluate.Preprocessing(mean_values=MEAN_VALUES, scale=SCALE)
+    one = evaluate.evaluate(deploy, weights, data, preprocessing=pre, batch_size=4, workers=1)
+    three = evaluate.evaluate(deploy, weights, data, preprocessing=pre, batch_size=4, workers=3)
+    assert three.count == one.count == 30
+    np.testing.assert_array_equal(three.confusion, one.confusion)
+    assert (three.top1, three.top5, three.per_class) == (one.top1, one.top5, one.per_class)
