@@ -38,10 +38,9 @@ def _init_fillers(net: Message, analysis: Analysis, renames: dict[str, str], not
     for entry in analysis.layers:
         if entry.fixed:
             continue
-        net, added = net_edits.ensure_fillers(net, renames[entry.name])
-        if added:
-            notes.append(f"{renames[entry.name]}: had no fillers; gave it gaussian(std 0.01) weights and "
-                         f"constant(0) bias")
+        net, note = net_edits.ensure_fillers(net, renames[entry.name])
+        if note:
+            notes.append(note)
     return net
 
 

@@ -72,22 +72,25 @@ def set_num_output(net: Message, name: str, count: int) -> Message:
     return result
 
 
-def ensure_fillers(net: Message, name: str) -> tuple[Message, bool]:
-    """Give a new head the fillers of Caffe's Flickr Style example (gaussian std 0.01, bias 0) when it has none;
-    Caffe's default filler is all zeros. Returns (net, whether fillers were added)."""
+def ensure_fillers(net: Message, name: str) -> tuple[Message, str | None]:
+    """Give a new head the fillers of Caffe's Flickr Style example (gaussian std 0.01, bias 0) where it has none;
+    Caffe's default filler is all zeros. Returns (net, a note saying what was added, or None)."""
     result = copy(net)
     _, layer = _find(result, name)
     params = layers.param_message(layer)
-    added = False
+    added = {}    # which filler -> what it now is
     if params is not None and "weight_filler" in params.DESCRIPTOR.fields_by_name and not params.HasField(
             "weight_filler"):
         params.weight_filler.type, params.weight_filler.std = "gaussian", 0.01
-        added = True
+        added["weight"] = "gaussian(std 0.01) weights"
     if params is not None and "bias_filler" in params.DESCRIPTOR.fields_by_name and params.bias_term and \
             not params.HasField("bias_filler"):
         params.bias_filler.type, params.bias_filler.value = "constant", 0
-        added = True
-    return result, added
+        added["bias"] = "constant(0) bias"
+    if not added:
+        return result, None
+    missing = "no fillers" if len(added) == 2 else f"no {next(iter(added))} filler"
+    return result, f"{name}: had {missing}; gave it {' and '.join(added.values())}"
 
 
 def fix_accuracy_top_k(net: Message, classes: int) -> tuple[Message, list[str]]:

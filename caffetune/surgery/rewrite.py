@@ -176,9 +176,9 @@ def _resize_score_reshapes(net: Message, head: Head, classes: int, notes: list[s
 
 def _init_new_heads(net: Message, renames: dict[str, str], notes: list[str]) -> Message:
     for new in renames.values():
-        net, added = net_edits.ensure_fillers(net, new)
-        if added:
-            notes.append(f"{new}: had no fillers; gave it gaussian(std 0.01) weights and constant(0) bias")
+        net, note = net_edits.ensure_fillers(net, new)
+        if note:
+            notes.append(note)
     return net
 
 
