@@ -1,7 +1,8 @@
 """The frozen trunk's outputs, computed once with Caffe and kept on disk for the trainable top to train on.
 
 One forward pass of the trunk over the TRAIN and TEST sources (Caffe's own data layer and transform, TEST mode,
-records in order: feature_pass.py in a child process) writes the cut blobs and the labels to HDF5 files, which the
+records in order: feature_pass.py in one child process per core, each forwarding a contiguous share of the
+batches) writes the cut blobs and the labels to HDF5 files, which the
 top net reads with Caffe's HDF5Data layer: it holds a whole file in memory and copies rows, so reading costs next
 to nothing (bench/bench_feature_cache.py measures it against float Datums in an LMDB read by a Data layer).
 
@@ -26,8 +27,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from caffetune.model import caffe_tools, caffemodels, prototxt, schema
 from caffetune.model import layers as L
 from caffetune.surgery import solver as solver_module
 from caffetune.surgery.net_edits import copy
+from caffetune.transfer.pass_workers import WORKERS_ENV, PassProgress, run_pass  # noqa: F401 - re-exported
 from caffetune.transfer.trunk_cut import Cut, PhaseCut
 
 FORMAT = 1                                   # bump when the layout of a cache changes
@@ -51,15 +51,6 @@ ROOT_ENV = "CAFFETUNE_FEATURE_CACHE"          # where the caches live (default: 
 DEFAULT_LIMIT_GB = 20.0
 FILE_BYTES = 256 << 20                       # rows per HDF5 file: HDF5Data loads one whole file at a time
 MANIFEST = "manifest.json"
-
-
-@dataclass(frozen=True)
-class PassProgress:
-    """One batch of the feature pass done (the CLI draws a progress bar from these)."""
-
-    phase: str
-    done: int
-    total: int
 
 
 @dataclass
@@ -362,7 +353,7 @@ def _compute(net: Message, nets: dict[str, Message], cut: Cut, weights: Path, in
                      if mirror and phase == "TRAIN" else {},
                      "flip": pc.data_layer.top[0]})
     started = time.perf_counter()
-    _run_pass(install, jobs, work, progress)
+    run_pass(install, jobs, work, progress)
     seconds = time.perf_counter() - started
     for job, phase in zip(jobs, cut.phases):
         if job.get("kind") == "crops":
@@ -384,32 +375,12 @@ def _compute(net: Message, nets: dict[str, Message], cut: Cut, weights: Path, in
     return manifest
 
 
-def _run_pass(install, jobs: list[dict], work: Path, progress, init: dict | None = None) -> None:
-    spec = work / "pass.json"
-    files.write_atomic(spec, json.dumps({"jobs": jobs, "init": init}))
-    env = install.env()
-    env["GLOG_minloglevel"] = "2"
-    process = subprocess.Popen([sys.executable, "-m", "caffetune.transfer.feature_pass", str(spec)], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in process.stdout:
-        parts = line.split()
-        if len(parts) == 4 and parts[0] == "progress":
-            progress(PassProgress(parts[1], int(parts[2]), int(parts[3])))
-    errors = process.stderr.read()
-    if process.wait() != 0:
-        last = [line for line in errors.splitlines() if line.strip()][-3:]
-        raise NetError("the trunk's forward pass failed in Caffe: " + " | ".join(
-            caffe_tools.strip_glog_prefix(line) for line in last), where=jobs[0]["net"] if jobs else init["net"],
-            fix="check that the net builds (`caffetune run` without --cache-features runs the preflight checks)")
-    spec.unlink(missing_ok=True)
-
-
 def filler_values(install, full_net: Path, weights: Path, seed: int, layer_names: list[str],
                   work: Path) -> dict[str, list[np.ndarray]]:
     """The blobs `caffe train` would give `layer_names` (left out of the weights, so drawn from their fillers) with
     the solver's random_seed: the full TRAIN net built in a child with Caffe's generator seeded the same way."""
     out = work / "filler-values.npz"
-    _run_pass(install, [], work, lambda item: None, init={"net": str(full_net), "weights": str(weights),
+    run_pass(install, [], work, lambda item: None, init={"net": str(full_net), "weights": str(weights),
                                                           "seed": seed, "layers": layer_names, "out": str(out)})
     values: dict[str, list[np.ndarray]] = {}
     with np.load(out) as loaded:

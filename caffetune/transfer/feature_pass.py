@@ -1,7 +1,7 @@
 """The trunk's forward pass, run by feature_cache in a child process that imports pycaffe (a Caffe CHECK failure
 aborts the process it happens in; glog stays there too).
 
-    python -m caffetune.transfer.feature_pass SPEC.json
+    python -m caffetune.transfer.feature_pass SPEC.json [--shard k/K]
 
 SPEC: {"jobs": [{"phase", "net", "weights", "images", "batch", "blobs": {blob: file.npy},
                  "mirror": {blob: file.npy}, "flip": data blob name or null}]}
@@ -10,7 +10,14 @@ times with Caffe's own data layer, so the records come in the source's order thr
 cut blobs of the first `images` records go to .npy files. With "mirror", the data blob is flipped left-right
 (DataTransformer's mirror writes column w to width-1-w after mean and scale, so the flip of the transformed image is
 exactly what Caffe's mirror gives) and the trunk forwarded again from the layer after the data layer.
-One line per batch on stdout: "progress PHASE DONE TOTAL".
+One line per batch on stdout: "progress PHASE DONE TOTAL" (DONE counts this process's own batches).
+
+With `--shard k/K` (K processes side by side, one per core: Caffe's CPU convolution loops over the images of a
+batch and only its gemm is threaded, so K single-threaded processes beat one process with K BLAS threads) this
+process takes the contiguous batch steps [k*P//K, (k+1)*P//K) of each job (P batches): the earlier steps forward only
+the data layer (decode and transform, no trunk), so Caffe's data layer is at the right record when its own steps
+begin; its rows go to `<file>.shard<k>.npy`, which the parent joins in order. Crop jobs and "init" run in shard 0
+only, whole.
 
 SPEC may also hold "init": {"net", "weights", "seed", "layers", "out"}: the full TRAIN net built as `caffe train`
 builds it (Caffe's generator seeded with the solver's random_seed first), the weights copied in, and the blobs of
@@ -30,17 +37,36 @@ def _open(path: str, shape: tuple) -> np.ndarray:
     return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
 
 
-def run_job(caffe, job: dict) -> None:
-    net = caffe.Net(job["net"], caffe.TEST, weights=job["weights"])
+def shard_steps(passes: int, shard: int, shards: int) -> range:
+    """The contiguous batch steps one of `shards` processes forwards through the trunk."""
+    return range(shard * passes // shards, (shard + 1) * passes // shards)
+
+
+def shard_path(path: str, shard: int) -> str:
+    return f"{path}.shard{shard}.npy"
+
+
+def run_job(caffe, job: dict, shard: int = 0, shards: int = 1) -> None:
     images, batch = job["images"], job["batch"]
-    plain = {blob: _open(path, (images,) + net.blobs[blob].data.shape[1:]) for blob, path in job["blobs"].items()}
-    flipped = {blob: _open(path, (images,) + net.blobs[blob].data.shape[1:])
-               for blob, path in (job.get("mirror") or {}).items()}
-    after_data = list(net._layer_names)[1] if len(net.layers) > 1 else None
     passes = math.ceil(images / batch)
-    for step in range(passes):
+    steps = shard_steps(passes, shard, shards)
+    if not steps:
+        return
+    net = caffe.Net(job["net"], caffe.TEST, weights=job["weights"])
+    first = steps.start * batch                                   # this shard's first row
+    rows = min(steps.stop * batch, images) - first
+    named = (lambda path: path) if shards == 1 else (lambda path: shard_path(path, shard))
+    plain = {blob: _open(named(path), (rows,) + net.blobs[blob].data.shape[1:])
+             for blob, path in job["blobs"].items()}
+    flipped = {blob: _open(named(path), (rows,) + net.blobs[blob].data.shape[1:])
+               for blob, path in (job.get("mirror") or {}).items()}
+    names = list(net._layer_names)
+    after_data = names[1] if len(net.layers) > 1 else None
+    for _ in range(steps.start):                                  # the earlier shards' batches: data layer only
+        net.forward(end=names[0])
+    for done, step in enumerate(steps, 1):
         net.forward()
-        start, take = step * batch, min(batch, images - step * batch)
+        start, take = step * batch - first, min(batch, images - step * batch)
         for blob, out in plain.items():
             out[start:start + take] = net.blobs[blob].data[:take]
         if flipped:
@@ -49,7 +75,7 @@ def run_job(caffe, job: dict) -> None:
             net.forward(start=after_data)
             for blob, out in flipped.items():
                 out[start:start + take] = net.blobs[blob].data[:take]
-        print(f"progress {job['phase']} {step + 1} {passes}", flush=True)
+        print(f"progress {job['phase']} {done} {passes}", flush=True)
     for out in list(plain.values()) + list(flipped.values()):
         out.flush()
 
@@ -99,10 +125,15 @@ def main(argv: list[str]) -> int:
 
     caffe.set_mode_cpu()
     spec = json.loads(open(argv[1]).read())
-    if spec.get("init"):
+    shard, shards = (int(n) for n in argv[3].split("/")) if argv[2:3] == ["--shard"] else (0, 1)
+    if spec.get("init") and shard == 0:
         initial_values(caffe, spec["init"])
     for job in spec["jobs"]:
-        run_crop_job(caffe, job) if job.get("kind") == "crops" else run_job(caffe, job)
+        if job.get("kind") == "crops":
+            if shard == 0:
+                run_crop_job(caffe, job)
+        else:
+            run_job(caffe, job, shard, shards)
     return 0
 
 

@@ -85,3 +85,56 @@ def test_the_top_solver_keeps_the_schedule_and_refuses_split_nets(tmp_path):
     split.test_net.append("test.prototxt")
     with pytest.raises(RunError, match="one file"):
         top_net.top_solver(split, tmp_path / "top.prototxt")
+
+
+SHARDED_NET = """name: "sharded"
+layer { name: "data" type: "Data" top: "data" top: "label" include { phase: TRAIN }
+  data_param { source: "{train}" backend: LMDB batch_size: 5 } transform_param { scale: 0.00390625 mirror: true } }
+layer { name: "data" type: "Data" top: "data" top: "label" include { phase: TEST }
+  data_param { source: "{test}" backend: LMDB batch_size: 5 } transform_param { scale: 0.00390625 } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" param { lr_mult: 0 } param { lr_mult: 0 }
+  convolution_param { num_output: 6 kernel_size: 3 weight_filler { type: "xavier" } } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "fc_new" type: "InnerProduct" bottom: "pool1" top: "fc"
+  inner_product_param { num_output: 4 weight_filler { type: "xavier" } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }
+"""
+
+
+def cached_rows(cache) -> dict:
+    rows = {}
+    for phase, entry in cache.manifest["phases"].items():
+        for key in ("files", "mirror_files"):
+            for name in entry.get(key, []):
+                with h5py.File(cache.folder / name) as handle:
+                    rows.update({(phase, key, name, d): handle[d][()] for d in handle})
+    return rows
+
+
+def test_the_pass_split_over_processes_writes_the_rows_one_process_writes(tmp_path, caffe_install, monkeypatch):
+    """TRAIN: 37 images in batches of 5 = 8 batches over 3 processes (3 steps are skipped by the last one; its
+    last batch holds 2 images), mirrored; TEST: 8 images = 2 batches, so one process has none."""
+    from caffetune.transfer import trunk_cut
+    from helpers import save_random_weights, write_tiny_lmdb
+
+    train = write_tiny_lmdb(tmp_path / "train_lmdb", count=37, seed=1)
+    test = write_tiny_lmdb(tmp_path / "test_lmdb", count=8, seed=2)
+    path = tmp_path / "train_val.prototxt"
+    path.write_text(SHARDED_NET.replace("{train}", str(train)).replace("{test}", str(test)))
+    weights = save_random_weights(caffe_install, path, tmp_path / "w.caffemodel", phase="TRAIN")
+    net = prototxt.parse(path.read_text(), path=str(path))
+    cut = trunk_cut.find_cut(net)
+    results = {}
+    for workers in (1, 3):
+        monkeypatch.setenv(feature_cache.WORKERS_ENV, str(workers))
+        seen = []
+        cache = feature_cache.build(net, cut, weights, caffe_install, root=tmp_path / f"cache{workers}",
+                                    progress=seen.append)
+        assert seen[-1].done == seen[-1].total and {p.total for p in seen if p.phase == "TRAIN"} == {8}
+        assert not list(cache.folder.glob("*.npy")) and not list(cache.folder.glob("*.err"))
+        results[workers] = cached_rows(cache)
+    assert results[1].keys() == results[3].keys() and len(results[1]) >= 6     # data/label/pool1, mirror too
+    for key, rows in results[1].items():
+        assert rows.tobytes() == results[3][key].tobytes() and rows.shape == results[3][key].shape, key
+    assert len(results[3][("TRAIN", "files", "train-000.h5", "label")]) == 37
