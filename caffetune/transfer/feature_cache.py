@@ -2,9 +2,9 @@
 
 One forward pass of the trunk over the TRAIN and TEST sources (Caffe's own data layer and transform, TEST mode,
 records in order: feature_pass.py in one child process per core, each forwarding a contiguous share of the
-batches) writes the cut blobs and the labels to HDF5 files, which the
-top net reads with Caffe's HDF5Data layer: it holds a whole file in memory and copies rows, so reading costs next
-to nothing (bench/bench_feature_cache.py measures it against float Datums in an LMDB read by a Data layer).
+batches, started by pass_workers.py) writes the cut blobs and the labels to HDF5 files, which the top net reads
+with Caffe's HDF5Data layer: it holds a whole file in memory and copies rows, so reading costs next to nothing
+(bench/bench_feature_cache.py measures it against float Datums in an LMDB read by a Data layer).
 
 A cache lives in ~/.cache/caffetune/features/<key>/ (CAFFETUNE_FEATURE_CACHE moves it), keyed by the trunk nets
 (layers, transform, source paths), the frozen layers' blobs (sha256 of their bytes in the weights file) and each

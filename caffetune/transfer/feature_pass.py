@@ -1,5 +1,5 @@
-"""The trunk's forward pass, run by feature_cache in a child process that imports pycaffe (a Caffe CHECK failure
-aborts the process it happens in; glog stays there too).
+"""The trunk's forward pass, run by pass_workers in child processes (one per core) that import pycaffe (a Caffe
+CHECK failure aborts the process it happens in; glog stays there too).
 
     python -m caffetune.transfer.feature_pass SPEC.json [--shard k/K]
 

@@ -116,6 +116,7 @@ def test_the_pass_split_over_processes_writes_the_rows_one_process_writes(tmp_pa
     """TRAIN: 37 images in batches of 5 = 8 batches over 3 processes (3 steps are skipped by the last one; its
     last batch holds 2 images), mirrored; TEST: 8 images = 2 batches, so one process has none."""
     from caffetune.transfer import trunk_cut
+
     from helpers import save_random_weights, write_tiny_lmdb
 
     train = write_tiny_lmdb(tmp_path / "train_lmdb", count=37, seed=1)
@@ -138,3 +139,26 @@ def test_the_pass_split_over_processes_writes_the_rows_one_process_writes(tmp_pa
     for key, rows in results[1].items():
         assert rows.tobytes() == results[3][key].tobytes() and rows.shape == results[3][key].shape, key
     assert len(results[3][("TRAIN", "files", "train-000.h5", "label")]) == 37
+
+
+def test_a_failing_pass_process_stops_the_others_and_says_why(tmp_path, caffe_install, monkeypatch):
+    """The second of two processes cannot write its shard (a folder is in the way): NetError with its last words."""
+    from caffetune.errors import NetError
+    from caffetune.transfer import pass_workers
+
+    from helpers import save_random_weights, write_tiny_lmdb
+
+    source = write_tiny_lmdb(tmp_path / "lmdb", count=20, seed=1)
+    net = tmp_path / "trunk.prototxt"
+    net.write_text(f'layer {{ name: "data" type: "Data" top: "data" top: "label" data_param {{ source: "{source}" '
+                   'backend: LMDB batch_size: 5 } }\n'
+                   'layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" '
+                   'convolution_param { num_output: 2 kernel_size: 3 weight_filler { type: "xavier" } } }\n')
+    weights = save_random_weights(caffe_install, net, tmp_path / "w.caffemodel")
+    out = tmp_path / "conv1.npy"
+    os.mkdir(f"{out}.shard1.npy")
+    job = {"phase": "TEST", "net": str(net), "weights": str(weights), "images": 20, "batch": 5,
+           "blobs": {"conv1": str(out)}, "mirror": {}, "flip": "data"}
+    monkeypatch.setenv(pass_workers.WORKERS_ENV, "2")
+    with pytest.raises(NetError, match="failed in Caffe: .*shard1"):
+        pass_workers.run_pass(caffe_install, [job], tmp_path, lambda item: None)
