@@ -28,12 +28,19 @@ class Numbers(click.ParamType):
         self.name = metavar
         self.counts = counts
 
+    @staticmethod
+    def parse(value) -> tuple[float, ...] | None:
+        """The numbers of "1,2 3", or None when a part is not a number."""
+        try:
+            return tuple(float(part) for part in str(value).replace(",", " ").split())
+        except ValueError:
+            return None
+
     def convert(self, value, param, ctx) -> tuple[float, ...]:
         if isinstance(value, tuple):
             return value
-        try:
-            numbers = tuple(float(part) for part in str(value).replace(",", " ").split())
-        except ValueError:
+        numbers = self.parse(value)
+        if numbers is None:
             self.fail(f"{value!r} is not {self.name} (numbers separated by commas, e.g. 104,117,123)", param, ctx)
         if len(numbers) not in self.counts:
             self.fail(f"{value!r}: expected {self.name} ({' or '.join(map(str, self.counts))} numbers)", param, ctx)
@@ -49,10 +56,7 @@ class Weights(Numbers):
     def convert(self, value, param, ctx) -> tuple[float, ...]:
         if isinstance(value, tuple):
             return value
-        try:
-            numbers = tuple(float(part) for part in str(value).replace(",", " ").split())
-        except ValueError:
-            numbers = ()
+        numbers = self.parse(value)
         if not numbers or any(number < 0 for number in numbers):
             self.fail(f"{value!r} is not {self.name} (non-negative numbers separated by commas)", param, ctx)
         return numbers
