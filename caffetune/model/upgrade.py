@@ -11,6 +11,8 @@ Every field is looked up in the schema in use first: fork schemas differ.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from google.protobuf.message import Message
 
 from caffetune.errors import NetError, PrototxtError
@@ -288,14 +290,14 @@ def read_net(text: str, path: str = "<text>") -> tuple[str, Message, list[str]]:
         except PrototxtError:
             raise error from None
         text = repaired
-        notes.append(f"{path}: `layers {{` block(s) {', '.join(names)} hold current layers (string types); read "
-                     f"as `layer {{` (stock Caffe rejects the file as written)")
+        notes.append(f"{_file_name(path)}: `layers {{` block(s) {', '.join(names)} hold current layers (string "
+                     f"types); read as `layer {{` (stock Caffe rejects the file as written)")
     if is_v0(net):
         layers.check_not_mixed(net, where=path)
         net, dropped = to_current(net)
         text = comments.canonical(text, net)
-        notes += [f"{path} is a V0 net (2014 format): read as Caffe's upgrade_net_proto_text upgrades it to the "
-                  f"current format (V0 -> V1 -> current)"] + dropped
+        notes += [f"{_file_name(path)} is a V0 net (2014 format): read as Caffe's upgrade_net_proto_text upgrades "
+                  f"it to the current format (V0 -> V1 -> current)"] + dropped
     return text, net, notes
 
 
@@ -304,3 +306,8 @@ def load(path) -> tuple[Message, list[str]]:
     _, net, notes = read_net(prototxt.read_text(path), str(path))
     layers.check_not_mixed(net, where=str(path))
     return net, notes
+
+
+def _file_name(path) -> str:
+    """The file's name for a note (the plan is about that file; a full path would make notes differ per checkout)."""
+    return Path(str(path)).name if path else "the net"

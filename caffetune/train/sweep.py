@@ -170,8 +170,9 @@ class _TrialWatch:
     Optuna and returns a reason to stop when the pruner says so; as the run's callback it passes everything on."""
 
     def __init__(self, trial: optuna.Trial, options: SweepOptions, direction: str, callback: Callable,
-                 run_dir: Path | None = None):
+                 run_dir: Path | None = None, start: list[Path] | None = None):
         self.trial, self.options, self.callback, self.run_dir = trial, options, callback, run_dir
+        self.start = start or []                  # the -weights the run starts from
         self.sign = 1.0 if direction == "maximize" else -1.0
         self.best: float | None = None
         self.best_iteration: int | None = None
@@ -210,14 +211,24 @@ class _TrialWatch:
         if self.options.metric == MAIN_ACCURACY or self.run_dir is None:
             return
         weights = run_files.snapshot_weights(self.run_dir, iteration)
-        if weights is None:      # no snapshot of this pass (iteration 0): keep no older, worse one
+        if weights is None and iteration == 0:   # the test before training scores the weights the run starts from
+            weights = self._start_weights()
+        if weights is None:      # no snapshot of this pass: keep no older, worse one
             for name in (sweep_results.METRIC_WEIGHTS, sweep_results.METRIC_JSON):
                 (self.run_dir / name).unlink(missing_ok=True)
             return
-        run_files.copy_atomic(weights, self.run_dir / sweep_results.METRIC_WEIGHTS)
+        run_files.copy_atomic(weights, self.run_dir / sweep_results.METRIC_WEIGHTS)   # cached runs: made whole later
         files.write_atomic(self.run_dir / sweep_results.METRIC_JSON, json.dumps(
             {"iteration": iteration, "metric": self.options.metric, "value": value, "snapshot": weights.name},
             indent=2) + "\n")
+
+
+    def _start_weights(self) -> Path | None:
+        """The weights iteration 0 is tested with: the fitted head (--fit-head), else the one -weights file."""
+        fitted = self.run_dir / runner.FITTED_WEIGHTS
+        if fitted.is_file():
+            return fitted
+        return Path(self.start[0]) if len(self.start) == 1 else None
 
 
 class _Objective:
@@ -237,7 +248,7 @@ class _Objective:
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         self.ran.append(trial.number)
         self.callback(TrialStarted(trial.number, values, run_dir))
-        watch = _TrialWatch(trial, self.options, self.direction, self.callback, run_dir)
+        watch = _TrialWatch(trial, self.options, self.direction, self.callback, run_dir, self.base_run.weights)
         started = time.monotonic()
         try:
             result = self._run(trial.number, values, watch)

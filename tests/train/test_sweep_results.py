@@ -104,3 +104,25 @@ def test_show_finds_the_study_by_name_and_refuses_an_unknown_one(tmp_path):
         sweep_results.load("other", None, Path("runs"), base=tmp_path)
     with pytest.raises(SweepError, match="no study named other"):
         sweep_results.load("other", f"sqlite:///{tmp_path / 'runs' / 'lr' / 'study.db'}", base=tmp_path)
+
+
+def test_a_metric_best_before_training_keeps_the_start_weights(tmp_path):
+    """With --metric loss the test at iteration 0 (no snapshot yet) can be the best pass: the weights it scored are
+    the ones the run started from, and those are what the trial keeps, not nothing."""
+    from caffetune.train import sweep, sweep_space
+    from caffetune.train.logparse import Record
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    trial = optuna.create_study(direction="minimize").ask()
+    start = tmp_path / "start.caffemodel"
+    start.write_bytes(b"start weights")
+    run = tmp_path / "trial-0000"
+    run.mkdir()
+    options = sweep.SweepOptions(solver=tmp_path / "solver.prototxt", name="s", trials=1, metric="loss",
+                                 space=sweep_space.parse(["base_lr=log:1e-3:1e-1"]), prune=False)
+    watch = sweep._TrialWatch(trial, options, "minimize", lambda item: None, run, [start])
+    watch.on_record(Record("test", 0, {"loss": 0.5}))
+    assert (run / sweep_results.METRIC_WEIGHTS).read_bytes() == b"start weights"
+    assert json.loads((run / sweep_results.METRIC_JSON).read_text())["iteration"] == 0
+    watch.on_record(Record("test", 10, {"loss": 0.9}))            # worse, and no snapshot: nothing changes
+    assert (run / sweep_results.METRIC_WEIGHTS).read_bytes() == b"start weights"
