@@ -38,6 +38,8 @@ def read_text(path: Path | str) -> str:
         return Path(path).read_text()
     except FileNotFoundError:
         raise PrototxtError("file not found", where=str(path), fix="check the path") from None
+    except IsADirectoryError:
+        raise PrototxtError("is a directory, not a file", where=str(path), fix="pass the file's path") from None
     except UnicodeDecodeError:
         raise PrototxtError("not a text file (is it a binary .caffemodel or .binaryproto?)", where=str(path),
                             fix="pass the .prototxt file here") from None
@@ -55,6 +57,8 @@ def load_binary(path: Path | str, message_name: str = "NetParameter") -> Message
         message.ParseFromString(Path(path).read_bytes())
     except FileNotFoundError:
         raise PrototxtError("file not found", where=str(path), fix="check the path") from None
+    except IsADirectoryError:
+        raise PrototxtError("is a directory, not a file", where=str(path), fix="pass the file's path") from None
     except DecodeError as error:
         raise PrototxtError(f"not a binary {message_name}: {error}", where=str(path),
                             fix="pass a file written by Caffe (e.g. a .caffemodel)") from None

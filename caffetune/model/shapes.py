@@ -145,7 +145,10 @@ def _first_listed_image_hw(params, ctx) -> tuple[int, int]:
     listing = _resolve(ctx, params.source)
     if listing is None:
         raise Unknown(f"its image list {params.source} does not exist (yet)")
-    line = next((ln for ln in listing.read_text().splitlines() if ln.strip()), None)
+    try:
+        line = next((ln for ln in listing.read_text().splitlines() if ln.strip()), None)
+    except UnicodeDecodeError:
+        raise Unknown(f"the image list {listing} is not text") from None
     if line is None:
         raise Unknown(f"the image list {listing} is empty")
     image = cv2.imread(params.root_folder + line.rsplit(maxsplit=1)[0])

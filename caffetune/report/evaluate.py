@@ -74,11 +74,15 @@ def iter_labelled_images(data: Path | str, gray: bool = False, limit: int | None
     return ((lmdb_reader.image_of(datum, f"{data} (key {key})"), datum.label) for key, datum in selected), None
 
 
-def dataset_size(data: Path | str, limit: int | None = None) -> int:
-    """Images in an LMDB or a folder of class folders (at most `limit`)."""
+def describe(data: Path | str, limit: int | None = None) -> tuple[int, list[str] | None]:
+    """(images in an LMDB or a folder of class folders, at most `limit`; the folder's class names), in one scan."""
     data = Path(data)
-    count = len(imagelist.from_folder(data).records) if _is_folder(data) else lmdb_reader.entry_count(data)
-    return min(count, limit) if limit else count
+    if _is_folder(data):
+        listing = imagelist.from_folder(data)
+        count, names = len(listing.records), listing.label_names
+    else:
+        count, names = lmdb_reader.entry_count(data), None
+    return (min(count, limit) if limit else count), names
 
 
 def _read_image(path: Path, gray: bool, label: int) -> tuple[np.ndarray, int]:
@@ -203,7 +207,7 @@ def evaluate(model: Path | str, weights: Path | str, data: Path | str, *, prepro
     pre = preprocessing or Preprocessing()
     prototxt.load(model)  # a parse error names file:line:col before pycaffe aborts on it
     install = caffe_tools.find_caffe(caffe)
-    count = dataset_size(data, limit)
+    count, folder_names = describe(data, limit)
     shards = _shards(count, batch_size, workers or len(os.sched_getaffinity(0)))
     job = (str(model), str(weights), str(data), pre, batch_size, limit, str(install.binary))
     if len(shards) <= 1:
@@ -212,7 +216,6 @@ def evaluate(model: Path | str, weights: Path | str, data: Path | str, *, prepro
         scores, labels = _score_in_processes(job, shards)
     if not len(labels):
         raise DatasetError("no images to evaluate", fix="pass a non-empty LMDB or image folder")
-    _, folder_names = iter_labelled_images(data, limit=0) if _is_folder(Path(data)) else (None, None)
     return score(scores, labels, _class_names(scores.shape[1], labels_file, folder_names))
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from google.protobuf.message import Message
 
 from caffetune.data import lmdb_reader
-from caffetune.errors import NetError
+from caffetune.errors import DatasetError, NetError
 from caffetune.model import prototxt
 from caffetune.surgery.net_edits import copy
 
@@ -58,7 +58,11 @@ def dataset_size(source: str | None) -> int | None:
     if path.is_dir():
         return lmdb_reader.entry_count(path)
     if path.is_file():
-        return sum(1 for line in path.read_text().splitlines() if line.strip())
+        try:
+            return sum(1 for line in path.read_text().splitlines() if line.strip())
+        except UnicodeDecodeError:
+            raise DatasetError(f"{path} is not a text image list", where=str(path),
+                               fix="point the source at an LMDB folder or a list of 'image label' lines") from None
     return None
 
 

@@ -268,3 +268,13 @@ def test_random_seed_goes_into_the_solver():
     solver = rewrite(prototxt.parse(template_text(), "SolverParameter"), SolverOptions(random_seed=0, max_iter=10))
     assert solver.HasField("random_seed") and solver.random_seed == 0     # 0 is a seed, not "unset"
     assert not rewrite(prototxt.parse(template_text(), "SolverParameter"), SolverOptions()).HasField("random_seed")
+
+
+def test_a_binary_file_as_image_list_is_a_typed_error(tmp_path):
+    from caffetune.errors import DatasetError
+    from caffetune.surgery.solver import dataset_size
+
+    binary = tmp_path / "train.bin"
+    binary.write_bytes(b"\xff\xfe\x00\x81" * 64)
+    with pytest.raises(DatasetError, match="not a text image list"):
+        dataset_size(str(binary))
