@@ -22,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
 from caffetune import files  # noqa: E402
 from caffetune.errors import SweepError  # noqa: E402
-from caffetune.train import sweep_storage  # noqa: E402
+from caffetune.train import run_dir, sweep_storage  # noqa: E402
 from caffetune.train.sweep_storage import CONFIG_ATTR  # noqa: E402
 
 CSV_FILE, BEST_JSON, BEST_WEIGHTS = "sweep.csv", "best.json", "best.caffemodel"
@@ -105,9 +105,7 @@ def _copy_best_weights(root: Path, best: FrozenTrial, previous: dict | None) -> 
         return None
     if previous and previous.get("number") == best.number and target.is_file():
         return str(target)
-    with open(source, "rb") as reader, files.atomic_output(target) as writer:
-        while chunk := reader.read(1 << 20):
-            writer.write(chunk)
+    run_dir.copy_atomic(source, target)
     return str(target)
 
 
